@@ -1,0 +1,194 @@
+"""Domain errors carrying their HTTP status, and the one problem+json renderer."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import asyncpg
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.database.connection import DatabaseUnavailable
+
+logger = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+
+
+class TrawlerError(Exception):
+    """Base of every error the API turns into a problem+json answer."""
+
+    status: int = 500
+    title: str = "Internal Server Error"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = headers or {}
+        self.extra = extra or {}
+
+
+class BadRequest(TrawlerError):
+    status, title = 400, "Bad Request"
+
+
+class Unauthorized(TrawlerError):
+    status, title = 401, "Unauthorized"
+
+    def __init__(self, detail: str = "a valid API key is required") -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+class Forbidden(TrawlerError):
+    status, title = 403, "Forbidden"
+
+
+class NotFound(TrawlerError):
+    status, title = 404, "Not Found"
+
+
+class Conflict(TrawlerError):
+    status, title = 409, "Conflict"
+
+
+class Unprocessable(TrawlerError):
+    status, title = 422, "Unprocessable Content"
+
+
+class TooManyRequests(TrawlerError):
+    status, title = 429, "Too Many Requests"
+
+    def __init__(self, detail: str, *, retry_after: int) -> None:
+        super().__init__(detail, headers={"Retry-After": str(max(1, retry_after))})
+
+
+class ServiceUnavailable(TrawlerError):
+    status, title = 503, "Service Unavailable"
+
+    def __init__(self, detail: str, *, retry_after: int = 2) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after)})
+
+
+def problem(
+    status: int,
+    title: str,
+    detail: str,
+    *,
+    instance: str | None = None,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> JSONResponse:
+    body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status}
+    body["detail"] = detail
+    if instance:
+        body["instance"] = instance
+    if extra:
+        body.update(extra)
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
+
+
+# Errors that mean "the database is not reachable right now", not "the code is wrong".
+_UNAVAILABLE = (
+    DatabaseUnavailable,
+    sa_exc.TimeoutError,  # pool checkout timed out
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InterfaceError,
+    ConnectionError,
+    TimeoutError,
+    OSError,
+)
+
+
+def _is_unavailable(error: BaseException) -> bool:
+    if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
+        return True
+    if isinstance(error, sa_exc.DBAPIError) and not isinstance(
+        error, sa_exc.OperationalError | sa_exc.InterfaceError
+    ):
+        # a statement error (constraint, syntax): a bug or bad data, not an outage
+        return isinstance(error.orig, _UNAVAILABLE)
+    return isinstance(error, _UNAVAILABLE)
+
+
+def unavailable_detail(error: BaseException) -> tuple[str, int]:
+    if isinstance(error, sa_exc.TimeoutError):
+        return "all database connections are busy; try again shortly", 1
+    return "the database is unavailable; try again shortly", 2
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(TrawlerError)
+    async def _domain(request: Request, error: TrawlerError) -> JSONResponse:
+        return problem(
+            error.status,
+            error.title,
+            error.detail,
+            instance=request.url.path,
+            headers=error.headers,
+            extra=error.extra,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, error: RequestValidationError) -> JSONResponse:
+        errors = [
+            {
+                "loc": list(e.get("loc", ())),
+                "msg": str(e.get("msg", "")),
+                "type": str(e.get("type", "")),
+            }
+            for e in error.errors()
+        ]
+        summary = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
+            for e in errors[:5]
+        )
+        return problem(
+            422,
+            "Unprocessable Content",
+            summary or "invalid request",
+            instance=request.url.path,
+            extra={"errors": errors},
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        title = {404: "Not Found", 405: "Method Not Allowed"}.get(error.status_code, "Error")
+        return problem(
+            error.status_code,
+            title,
+            str(error.detail),
+            instance=request.url.path,
+            headers=dict(error.headers or {}),
+        )
+
+    async def _database(request: Request, error: Exception) -> JSONResponse:
+        if not _is_unavailable(error):
+            logger.exception("unhandled database error on %s", request.url.path, exc_info=error)
+            return problem(
+                500, "Internal Server Error", "internal error", instance=request.url.path
+            )
+        detail, retry_after = unavailable_detail(error)
+        logger.warning("%s %s: %s (%s)", request.method, request.url.path, detail, error)
+        return problem(
+            503,
+            "Service Unavailable",
+            detail,
+            instance=request.url.path,
+            headers={"Retry-After": str(retry_after)},
+        )
+
+    for cls in (*_UNAVAILABLE, sa_exc.DBAPIError):
+        app.add_exception_handler(cls, _database)

@@ -1,0 +1,78 @@
+"""Settings: one pydantic-settings class read from TRAWLER_* environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_DRIVER_PREFIXES = (
+    "postgres://",
+    "postgresql://",
+    "postgresql+psycopg://",
+    "postgresql+psycopg2://",
+    "postgresql+asyncpg://",
+)
+
+
+def normalize_database_url(url: str) -> str:
+    """Return the URL with the asyncpg driver, whatever driver the user spelled."""
+    for prefix in _DRIVER_PREFIXES:
+        if url.startswith(prefix):
+            return "postgresql+asyncpg://" + url[len(prefix) :]
+    raise ValueError(f"not a PostgreSQL URL: {url.split('://', 1)[0]}://...")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TRAWLER_", extra="ignore")
+
+    database_url: str | None = Field(
+        default=None, description="PostgreSQL URL; unset = embedded PostgreSQL in DATA_DIR"
+    )
+    data_dir: Path = Field(default=Path(".trawler"), description="embedded DB, admin key")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    # database pool
+    pool_size: int = Field(default=10, ge=1)
+    max_overflow: int = Field(default=10, ge=0)
+    pool_timeout: float = Field(default=5.0, gt=0, description="seconds to wait for a connection")
+    pool_recycle: int = Field(default=1800, description="seconds before a connection is renewed")
+    db_connect_timeout: float = Field(default=3.0, gt=0)
+    db_command_timeout: float = Field(default=30.0, gt=0)
+    health_timeout: float = Field(default=1.5, gt=0, description="hard limit of a health probe")
+    pgbouncer: bool = Field(
+        default=False, description="transaction pooler: no prepared statements, no LISTEN"
+    )
+
+    # executor
+    worker_concurrency: int = Field(default=64, ge=1)
+    claim_batch: int = Field(default=100, ge=1)
+    lease_seconds: float = Field(default=60.0, gt=0)
+    heartbeat_seconds: float = Field(default=5.0, gt=0)
+    poll_interval: float = Field(default=1.0, gt=0)
+    shutdown_grace: float = Field(default=20.0, ge=0)
+
+    # scraping
+    allow_private_networks: bool = False
+    allowed_cidrs: list[str] = Field(default_factory=list)
+    user_agent: str = "TrawlerBot/0.1 (+https://github.com/trawler/trawler)"
+    max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    max_redirects: int = Field(default=10, ge=0)
+
+    @field_validator("database_url")
+    @classmethod
+    def _normalize_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        return normalize_database_url(value.strip())
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

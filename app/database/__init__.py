@@ -1,0 +1,1 @@
+"""Database layer: models, connection manager, embedded PostgreSQL."""

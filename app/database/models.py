@@ -1,0 +1,280 @@
+"""SQLAlchemy 2.0 typed models: jobs, tasks (the frontier), pages, events, workers, keys."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    SmallInteger,
+    String,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {
+        datetime: DateTime(timezone=True),
+        dict[str, Any]: JSONB,
+        uuid.UUID: UUID(as_uuid=True),
+    }
+
+
+class JobKind(enum.StrEnum):
+    scrape = "scrape"
+    crawl = "crawl"
+
+
+class JobStatus(enum.StrEnum):
+    queued = "queued"
+    running = "running"
+    completed = "completed"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+TERMINAL_JOB_STATUSES = frozenset({JobStatus.completed, JobStatus.failed, JobStatus.cancelled})
+
+
+class TaskStatus(enum.StrEnum):
+    queued = "queued"
+    leased = "leased"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+    skipped = "skipped"
+
+
+class WorkerState(enum.StrEnum):
+    running = "running"
+    draining = "draining"
+    stopped = "stopped"
+
+
+class KeyRole(enum.StrEnum):
+    user = "user"
+    admin = "admin"
+
+
+def _enum(cls: type[enum.StrEnum], name: str) -> Enum:
+    # VARCHAR + CHECK (not a native PG enum): adding a value is a plain migration.
+    return Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda e: [m.value for m in e],
+        validate_strings=True,
+    )
+
+
+def _now() -> Any:
+    return mapped_column(server_default=func.now())
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    tenant: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[JobKind] = mapped_column(_enum(JobKind, "job_kind"))
+    status: Mapped[JobStatus] = mapped_column(
+        _enum(JobStatus, "job_status"), server_default=JobStatus.queued.value
+    )
+    priority: Mapped[int] = mapped_column(SmallInteger, server_default="0")
+    max_attempts: Mapped[int] = mapped_column(SmallInteger, server_default="3")
+    spec: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    error: Mapped[str | None] = mapped_column(Text)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    # progress counters: maintained in the same statements that move tasks
+    total: Mapped[int] = mapped_column(Integer, server_default="0")
+    queued: Mapped[int] = mapped_column(Integer, server_default="0")
+    running: Mapped[int] = mapped_column(Integer, server_default="0")
+    succeeded: Mapped[int] = mapped_column(Integer, server_default="0")
+    failed: Mapped[int] = mapped_column(Integer, server_default="0")
+    created_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _now()
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    tasks: Mapped[list[Task]] = relationship(
+        back_populates="job", lazy="raise", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+    __table_args__ = (
+        CheckConstraint("priority BETWEEN -100 AND 100", name="priority_range"),
+        CheckConstraint("max_attempts BETWEEN 1 AND 20", name="max_attempts_range"),
+        CheckConstraint(
+            "total >= 0 AND queued >= 0 AND running >= 0 AND succeeded >= 0 AND failed >= 0",
+            name="counters_nonneg",
+        ),
+        # keyset pagination of a tenant's jobs, newest first
+        Index("ix_jobs_tenant_created", "tenant", "created_at", "id"),
+        Index(
+            "uq_jobs_tenant_idempotency_key",
+            "tenant",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+        ),
+        Index("ix_jobs_status_finished", "status", "finished_at"),
+    )
+
+
+class Task(Base):
+    """One URL of a job: the frontier row the executor claims."""
+
+    __tablename__ = "tasks"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(Text)
+    # sha256 of the canonical URL: per-job dedupe by a unique index, not a set in memory
+    url_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    host: Mapped[str] = mapped_column(String(255))
+    depth: Mapped[int] = mapped_column(SmallInteger, server_default="0")
+    priority: Mapped[int] = mapped_column(SmallInteger, server_default="0")
+    status: Mapped[TaskStatus] = mapped_column(
+        _enum(TaskStatus, "task_status"), server_default=TaskStatus.queued.value
+    )
+    attempts: Mapped[int] = mapped_column(SmallInteger, server_default="0")
+    max_attempts: Mapped[int] = mapped_column(SmallInteger, server_default="3")
+    next_attempt_at: Mapped[datetime] = _now()
+    lease_owner: Mapped[uuid.UUID | None]
+    lease_expires_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _now()
+
+    job: Mapped[Job] = relationship(back_populates="tasks", lazy="raise")
+
+    __table_args__ = (
+        Index("uq_tasks_job_url_hash", "job_id", "url_hash", unique=True),
+        # the claim: queued rows only, best priority first, then due time, then FIFO
+        Index(
+            "ix_tasks_claim",
+            text("priority DESC"),
+            "next_attempt_at",
+            "id",
+            postgresql_where=text("status = 'queued'"),
+        ),
+        # expired-lease recovery scans leased rows only
+        Index(
+            "ix_tasks_lease_expiry",
+            "lease_expires_at",
+            postgresql_where=text("status = 'leased'"),
+        ),
+        Index("ix_tasks_job_status", "job_id", "status"),
+        CheckConstraint(
+            "(status = 'leased') = (lease_expires_at IS NOT NULL)", name="lease_iff_leased"
+        ),
+    )
+
+
+class Page(Base):
+    """The stored result of one task: exactly one row per task."""
+
+    __tablename__ = "pages"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    task_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("tasks.id", ondelete="CASCADE"), unique=True
+    )
+    url: Mapped[str] = mapped_column(Text)
+    final_url: Mapped[str | None] = mapped_column(Text)
+    status_code: Mapped[int | None] = mapped_column(SmallInteger)
+    ok: Mapped[bool] = mapped_column(Boolean)
+    depth: Mapped[int] = mapped_column(SmallInteger, server_default="0")
+    content_type: Mapped[str | None] = mapped_column(String(255))
+    elapsed_ms: Mapped[int | None] = mapped_column(Integer)
+    data: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    error: Mapped[str | None] = mapped_column(Text)
+    fetched_at: Mapped[datetime] = _now()
+
+    __table_args__ = (Index("ix_pages_job_id_id", "job_id", "id"),)
+
+
+class JobEvent(Base):
+    """One row per job status change or progress milestone: feeds SSE and the audit trail."""
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    type: Mapped[str] = mapped_column(String(32))
+    status: Mapped[JobStatus | None] = mapped_column(_enum(JobStatus, "event_job_status"))
+    data: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    created_at: Mapped[datetime] = _now()
+
+    __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)
+
+
+class Worker(Base):
+    __tablename__ = "workers"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    concurrency: Mapped[int] = mapped_column(Integer)
+    in_flight: Mapped[int] = mapped_column(Integer, server_default="0")
+    state: Mapped[WorkerState] = mapped_column(
+        _enum(WorkerState, "worker_state"), server_default=WorkerState.running.value
+    )
+    version: Mapped[str] = mapped_column(String(32))
+    started_at: Mapped[datetime] = _now()
+    heartbeat_at: Mapped[datetime] = _now()
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(128))
+    tenant: Mapped[str] = mapped_column(String(128))
+    role: Mapped[KeyRole] = mapped_column(_enum(KeyRole, "key_role"))
+    # the first characters of the key, for lookup; the whole key is only stored hashed
+    prefix: Mapped[str] = mapped_column(String(16), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = _now()
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class ClusterState(Base):
+    """A single row of cluster-wide switches (pause claiming)."""
+
+    __tablename__ = "cluster_state"
+
+    id: Mapped[int] = mapped_column(SmallInteger, primary_key=True, server_default="1")
+    paused: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    updated_at: Mapped[datetime] = _now()
+
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
