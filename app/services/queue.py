@@ -1,0 +1,307 @@
+"""The task queue in SQL: claim, complete, release and recover leases, in batches.
+
+Lock order everywhere: task rows first, then job rows in id order. The claim, the
+completion, cancellation and lease recovery all follow it, so they cannot deadlock on
+each other.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from app.database.models import JobStatus
+from app.services.state import finish_if_done, transition
+
+NOTIFY_TASKS = "trawler_tasks"
+
+
+@dataclass(slots=True)
+class ClaimedTask:
+    id: int
+    job_id: uuid.UUID
+    url: str
+    depth: int
+    attempts: int
+    max_attempts: int
+    host: str
+
+
+@dataclass(slots=True)
+class PageRow:
+    url: str
+    final_url: str | None
+    status_code: int | None
+    ok: bool
+    depth: int
+    content_type: str | None
+    elapsed_ms: int | None
+    data: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+OutcomeState = Literal["succeeded", "failed", "retry"]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What became of one claimed task. `retry` puts it back with a delay, storing nothing."""
+
+    task_id: int
+    job_id: uuid.UUID
+    state: OutcomeState
+    page: PageRow | None = None
+    error: str | None = None
+    retry_in_s: float = 0.0
+
+
+# THE CLAIM. One statement: pick due queued tasks (best priority, then due time, then
+# FIFO) with SKIP LOCKED so concurrent workers never wait on or share a row, lease them
+# to this worker, and move the jobs' counters — unless an admin paused the cluster.
+# Served by the partial index ix_tasks_claim (status = 'queued').
+_CLAIM_SQL = text(
+    """
+WITH picked AS (
+    SELECT id FROM tasks
+    WHERE status = 'queued' AND next_attempt_at <= now()
+      AND NOT (SELECT paused FROM cluster_state WHERE id = 1)
+    ORDER BY priority DESC, next_attempt_at, id
+    LIMIT :n
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE tasks t SET
+        status = 'leased', lease_owner = :worker,
+        lease_expires_at = now() + make_interval(secs => :lease),
+        attempts = t.attempts + 1, updated_at = now()
+    FROM picked WHERE t.id = picked.id
+    RETURNING t.id, t.job_id, t.url, t.depth, t.attempts, t.max_attempts, t.host
+), per_job AS (
+    SELECT job_id, count(*) AS n FROM claimed GROUP BY job_id
+), locked AS MATERIALIZED (
+    SELECT j.id FROM jobs j JOIN per_job p ON p.job_id = j.id ORDER BY j.id FOR UPDATE OF j
+), counted AS (
+    UPDATE jobs j SET queued = j.queued - p.n, running = j.running + p.n, updated_at = now()
+    FROM per_job p, locked l WHERE j.id = p.job_id AND l.id = j.id
+)
+SELECT id, job_id, url, depth, attempts, max_attempts, host FROM claimed
+"""
+)
+
+
+async def claim(
+    conn: AsyncConnection, worker_id: uuid.UUID, limit: int, lease_s: float
+) -> list[ClaimedTask]:
+    rows = (
+        await conn.execute(_CLAIM_SQL, {"n": limit, "worker": worker_id, "lease": lease_s})
+    ).all()
+    return [ClaimedTask(*row) for row in rows]
+
+
+async def mark_jobs_running(conn: AsyncConnection, job_ids: Sequence[uuid.UUID]) -> None:
+    await transition(conn, job_ids, JobStatus.running)
+
+
+# Group commit of many outcomes. Only the current lease owner may complete a task
+# (status = 'leased' AND lease_owner = me): a worker whose lease expired and was taken
+# over stores nothing, so each task's page is stored exactly once (also backed by the
+# unique index on pages.task_id).
+_COMPLETE_SQL = text(
+    """
+WITH v AS (
+    SELECT * FROM unnest(CAST(:ids AS bigint[]), CAST(:states AS text[]),
+                         CAST(:delays AS float8[]), CAST(:errors AS text[]))
+        AS v(id, state, delay, error)
+), upd AS (
+    UPDATE tasks t SET
+        status = CASE v.state WHEN 'retry' THEN 'queued' ELSE v.state END,
+        next_attempt_at = CASE v.state WHEN 'retry'
+                               THEN now() + make_interval(secs => v.delay)
+                               ELSE t.next_attempt_at END,
+        lease_owner = NULL, lease_expires_at = NULL, last_error = v.error, updated_at = now()
+    FROM v
+    WHERE t.id = v.id AND t.status = 'leased' AND t.lease_owner = :worker
+    RETURNING t.id, t.job_id, v.state
+), per_job AS (
+    SELECT job_id, count(*) AS n,
+           count(*) FILTER (WHERE state = 'retry') AS r,
+           count(*) FILTER (WHERE state = 'succeeded') AS s,
+           count(*) FILTER (WHERE state = 'failed') AS f
+    FROM upd GROUP BY job_id
+), locked AS MATERIALIZED (
+    SELECT j.id FROM jobs j JOIN per_job p ON p.job_id = j.id ORDER BY j.id FOR UPDATE OF j
+), counted AS (
+    UPDATE jobs j SET running = j.running - p.n, queued = j.queued + p.r,
+                      succeeded = j.succeeded + p.s, failed = j.failed + p.f,
+                      updated_at = now()
+    FROM per_job p, locked l WHERE j.id = p.job_id AND l.id = j.id
+), stored AS (
+    INSERT INTO pages (job_id, task_id, url, final_url, status_code, ok, depth,
+                       content_type, elapsed_ms, data, error)
+    SELECT upd.job_id, p.task_id, p.url, p.final_url, p.status_code, p.ok, p.depth,
+           p.content_type, p.elapsed_ms, CAST(p.data AS jsonb), p.error
+    FROM unnest(CAST(:p_task AS bigint[]), CAST(:p_url AS text[]),
+                CAST(:p_final AS text[]), CAST(:p_code AS int[]), CAST(:p_ok AS bool[]),
+                CAST(:p_depth AS int[]), CAST(:p_ctype AS text[]), CAST(:p_ms AS int[]),
+                CAST(:p_data AS text[]), CAST(:p_error AS text[]))
+        AS p(task_id, url, final_url, status_code, ok, depth, content_type, elapsed_ms,
+             data, error)
+    JOIN upd ON upd.id = p.task_id AND upd.state <> 'retry'
+    ON CONFLICT (task_id) DO NOTHING
+)
+SELECT DISTINCT job_id FROM upd
+"""
+)
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+async def complete(
+    conn: AsyncConnection, worker_id: uuid.UUID, outcomes: Sequence[Outcome]
+) -> list[uuid.UUID]:
+    """Store a batch of outcomes; returns the jobs that reached a terminal state."""
+    if not outcomes:
+        return []
+    pages = [(o.task_id, o.page) for o in outcomes if o.page is not None]
+    params: dict[str, Any] = {
+        "worker": worker_id,
+        "ids": [o.task_id for o in outcomes],
+        "states": [o.state for o in outcomes],
+        "delays": [o.retry_in_s for o in outcomes],
+        "errors": [o.error for o in outcomes],
+        "p_task": [t for t, _ in pages],
+        "p_url": [p.url for _, p in pages],
+        "p_final": [p.final_url for _, p in pages],
+        "p_code": [p.status_code for _, p in pages],
+        "p_ok": [p.ok for _, p in pages],
+        "p_depth": [p.depth for _, p in pages],
+        "p_ctype": [p.content_type for _, p in pages],
+        "p_ms": [p.elapsed_ms for _, p in pages],
+        "p_data": [_dumps(p.data) for _, p in pages],
+        "p_error": [p.error for _, p in pages],
+    }
+    touched = [row[0] for row in (await conn.execute(_COMPLETE_SQL, params)).all()]
+    return await finish_if_done(conn, touched)
+
+
+# Give leases back (graceful shutdown): the attempt did not happen, so it is not counted.
+_RELEASE_SQL = text(
+    """
+WITH upd AS (
+    UPDATE tasks t SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL,
+                       attempts = greatest(t.attempts - 1, 0), updated_at = now()
+    WHERE t.lease_owner = :worker AND t.status = 'leased'
+      AND (CAST(:ids AS bigint[]) IS NULL OR t.id = ANY(CAST(:ids AS bigint[])))
+    RETURNING t.job_id
+), per_job AS (
+    SELECT job_id, count(*) AS n FROM upd GROUP BY job_id
+), locked AS MATERIALIZED (
+    SELECT j.id FROM jobs j JOIN per_job p ON p.job_id = j.id ORDER BY j.id FOR UPDATE OF j
+), counted AS (
+    UPDATE jobs j SET running = j.running - p.n, queued = j.queued + p.n, updated_at = now()
+    FROM per_job p, locked l WHERE j.id = p.job_id AND l.id = j.id
+)
+SELECT count(*) FROM upd
+"""
+)
+
+
+async def release(
+    conn: AsyncConnection, worker_id: uuid.UUID, task_ids: Sequence[int] | None = None
+) -> int:
+    count = (
+        await conn.execute(
+            _RELEASE_SQL,
+            {"worker": worker_id, "ids": list(task_ids) if task_ids is not None else None},
+        )
+    ).scalar_one()
+    if count:
+        await conn.execute(text("SELECT pg_notify(:c, '')"), {"c": NOTIFY_TASKS})
+    return int(count)
+
+
+# Leases whose holder is gone: the lease ran out, or the worker stopped heartbeating.
+# They go back to the queue (the crash is not the URL's fault) unless the task has used
+# up its attempts, in which case it fails with an error page.
+_RECOVER_SQL = text(
+    """
+WITH lost AS (
+    SELECT t.id FROM tasks t
+    WHERE t.status = 'leased'
+      AND (t.lease_expires_at < now()
+           OR t.lease_owner IN (
+               SELECT w.id FROM workers w
+               WHERE w.state = 'stopped'
+                  OR w.heartbeat_at < now() - make_interval(secs => :stale)))
+    ORDER BY t.id
+    LIMIT :n
+    FOR UPDATE OF t SKIP LOCKED
+), upd AS (
+    UPDATE tasks t SET
+        status = CASE WHEN t.attempts >= t.max_attempts THEN 'failed' ELSE 'queued' END,
+        lease_owner = NULL, lease_expires_at = NULL, updated_at = now(),
+        last_error = 'lease expired: worker lost'
+    FROM lost WHERE t.id = lost.id
+    RETURNING t.id, t.job_id, t.url, t.depth, t.status
+), per_job AS (
+    SELECT job_id, count(*) AS n,
+           count(*) FILTER (WHERE status = 'queued') AS q,
+           count(*) FILTER (WHERE status = 'failed') AS f
+    FROM upd GROUP BY job_id
+), locked AS MATERIALIZED (
+    SELECT j.id FROM jobs j JOIN per_job p ON p.job_id = j.id ORDER BY j.id FOR UPDATE OF j
+), counted AS (
+    UPDATE jobs j SET running = j.running - p.n, queued = j.queued + p.q,
+                      failed = j.failed + p.f, updated_at = now()
+    FROM per_job p, locked l WHERE j.id = p.job_id AND l.id = j.id
+), stored AS (
+    INSERT INTO pages (job_id, task_id, url, ok, depth, error)
+    SELECT job_id, id, url, false, depth, 'worker lost while fetching; attempts exhausted'
+    FROM upd WHERE status = 'failed'
+    ON CONFLICT (task_id) DO NOTHING
+)
+SELECT job_id, status FROM upd
+"""
+)
+
+
+async def recover_lost(conn: AsyncConnection, stale_s: float, limit: int = 1000) -> int:
+    """Requeue tasks held by dead workers; returns how many were recovered."""
+    rows = (await conn.execute(_RECOVER_SQL, {"stale": stale_s, "n": limit})).all()
+    if not rows:
+        return 0
+    failed_jobs = {r[0] for r in rows if r[1] == "failed"}
+    await finish_if_done(conn, failed_jobs)
+    await conn.execute(text("SELECT pg_notify(:c, '')"), {"c": NOTIFY_TASKS})
+    return len(rows)
+
+
+async def renew_leases(conn: AsyncConnection, worker_id: uuid.UUID, lease_s: float) -> int:
+    result = await conn.execute(
+        text(
+            "UPDATE tasks SET lease_expires_at = now() + make_interval(secs => :lease) "
+            "WHERE lease_owner = :worker AND status = 'leased'"
+        ),
+        {"worker": worker_id, "lease": lease_s},
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+async def next_due_in(conn: AsyncConnection) -> float | None:
+    """Seconds until the earliest queued task becomes due (None: nothing queued)."""
+    value = (
+        await conn.execute(
+            text(
+                "SELECT extract(epoch FROM min(next_attempt_at) - now()) FROM tasks "
+                "WHERE status = 'queued'"
+            )
+        )
+    ).scalar_one_or_none()
+    return None if value is None else max(0.0, float(value))
