@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 _DRIVER_PREFIXES = (
     "postgres://",
@@ -24,6 +26,16 @@ def normalize_database_url(url: str) -> str:
         if url.startswith(prefix):
             return "postgresql+asyncpg://" + url[len(prefix) :]
     raise ValueError(f"not a PostgreSQL URL: {url.split('://', 1)[0]}://...")
+
+
+def _check_parses(url: str) -> None:
+    # a typo in the port or host must fail here, as a settings error, not deep in a connect
+    try:
+        port = make_url(url).port
+    except (ArgumentError, ValueError) as error:
+        raise ValueError(f"malformed database URL ({error})") from None
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"database URL port {port} is out of range")
 
 
 class Settings(BaseSettings):
@@ -57,6 +69,13 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     poll_interval: float = Field(default=1.0, gt=0)
     shutdown_grace: float = Field(default=20.0, ge=0)
+    worker_stale_seconds: float = Field(
+        default=30.0, gt=0, description="a worker silent this long is presumed dead"
+    )
+    flush_interval: float = Field(default=0.02, ge=0, description="group-commit window")
+    retry_base_s: float = Field(default=1.0, gt=0, description="first retry delay")
+    retry_max_s: float = Field(default=300.0, gt=0)
+    per_host_concurrency: int = Field(default=8, ge=1, description="default fetches per host")
 
     # scraping
     allow_private_networks: bool = False
@@ -70,7 +89,9 @@ class Settings(BaseSettings):
     def _normalize_url(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
             return None
-        return normalize_database_url(value.strip())
+        url = normalize_database_url(value.strip())
+        _check_parses(url)
+        return url
 
 
 @lru_cache

@@ -59,6 +59,8 @@ class Outcome:
     page: PageRow | None = None
     error: str | None = None
     retry_in_s: float = 0.0
+    # the delay came from the server (Retry-After): slow the whole host down, not just this URL
+    retry_after_host: bool = False
 
 
 # THE CLAIM. One statement: pick due queued tasks (best priority, then due time, then

@@ -39,15 +39,16 @@ def sources_of(target: JobStatus) -> list[str]:
 _TRANSITION_SQL = """
 WITH moved AS (
     UPDATE jobs SET
-        status = :to,
+        status = CAST(:to AS text),
         updated_at = now(),
-        started_at = CASE WHEN :to = 'running' THEN coalesce(started_at, now())
+        started_at = CASE WHEN CAST(:to AS text) = 'running' THEN coalesce(started_at, now())
                           ELSE started_at END,
-        finished_at = CASE WHEN :to IN ('completed', 'failed', 'cancelled') THEN now()
-                           WHEN :to = 'queued' THEN NULL
+        finished_at = CASE WHEN CAST(:to AS text) IN ('completed', 'failed', 'cancelled') THEN now()
+                           WHEN CAST(:to AS text) = 'queued' THEN NULL
                            ELSE finished_at END,
-        error = CASE WHEN :to IN ('failed', 'cancelled') THEN coalesce(:error, error)
-                     WHEN :to = 'queued' THEN NULL
+        error = CASE WHEN CAST(:to AS text) IN ('failed', 'cancelled')
+                     THEN coalesce(CAST(:error AS text), error)
+                     WHEN CAST(:to AS text) = 'queued' THEN NULL
                      ELSE error END
     WHERE id = ANY(CAST(:ids AS uuid[])) AND status = ANY(CAST(:sources AS text[])) {extra}
     RETURNING id, status, total, queued, running, succeeded, failed
@@ -59,7 +60,7 @@ WITH moved AS (
              || CAST(:data AS jsonb)
     FROM moved
 )
-SELECT id, pg_notify(:channel, id::text || ':' || status) FROM moved
+SELECT id, pg_notify(CAST(:channel AS text), id::text || ':' || status) FROM moved
 """
 
 

@@ -1,0 +1,191 @@
+"""API keys: generation, hashed storage, verification with a short in-process cache.
+
+A key reads ``trw_<prefix>_<secret>``: the 8-character prefix is stored in clear (unique,
+the lookup key), the whole key only as its SHA-256. Verification finds the row by prefix
+and compares hashes in constant time.
+
+Verified keys are cached in-process for ``CACHE_TTL_S`` (2 s) so authentication stays off
+the database on the hot path. Consequence: revoking a key takes effect at once in the
+process that revoked it, and within ``CACHE_TTL_S`` in every other process (API replicas).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import string
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import select, text, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.database.models import ApiKey, KeyRole
+
+KEY_SCHEME = "trw"
+PREFIX_CHARS = 8
+SECRET_CHARS = 40  # base62: ~238 bits
+CACHE_TTL_S = 2.0
+CACHE_MAX_ENTRIES = 10_000
+LAST_USED_RESOLUTION_S = 60  # last_used_at is refreshed at most this often per key
+
+_BASE62 = string.ascii_letters + string.digits
+_KEY_RE = re.compile(rf"^{KEY_SCHEME}_([A-Za-z0-9]{{{PREFIX_CHARS}}})_([A-Za-z0-9]{{32,128}})$")
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the key, the tenant whose jobs it sees, and its role."""
+
+    key_id: uuid.UUID
+    tenant: str
+    role: KeyRole
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == KeyRole.admin
+
+
+def _random_base62(length: int) -> str:
+    return "".join(secrets.choice(_BASE62) for _ in range(length))
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def parse_prefix(key: str) -> str | None:
+    """The lookup prefix of a well-formed key, or None."""
+    match = _KEY_RE.match(key)
+    return match.group(1) if match else None
+
+
+class _KeyCache:
+    """Verified keys by hash, each valid for CACHE_TTL_S. Bad keys are never cached, so a
+    key created a moment ago works at once."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[Principal, float]] = {}
+
+    def get(self, key_hash: str) -> Principal | None:
+        entry = self._entries.get(key_hash)
+        if entry is None:
+            return None
+        principal, expires = entry
+        if time.monotonic() >= expires:
+            self._entries.pop(key_hash, None)
+            return None
+        return principal
+
+    def put(self, key_hash: str, principal: Principal) -> None:
+        now = time.monotonic()
+        if len(self._entries) >= CACHE_MAX_ENTRIES:
+            self._entries = {h: e for h, e in self._entries.items() if e[1] > now}
+            if len(self._entries) >= CACHE_MAX_ENTRIES:
+                self._entries.clear()
+        self._entries[key_hash] = (principal, now + CACHE_TTL_S)
+
+    def discard_key(self, key_id: uuid.UUID) -> None:
+        for key_hash in [h for h, (p, _) in self._entries.items() if p.key_id == key_id]:
+            self._entries.pop(key_hash, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+cache = _KeyCache()
+
+
+async def create_key(
+    session: AsyncSession, name: str, tenant: str | None = None, admin: bool = False
+) -> tuple[ApiKey, str]:
+    """Store a new key; returns the row and the plaintext key, which is never seen again."""
+    role = KeyRole.admin if admin else KeyRole.user
+    for _ in range(5):
+        prefix = _random_base62(PREFIX_CHARS)
+        key = f"{KEY_SCHEME}_{prefix}_{_random_base62(SECRET_CHARS)}"
+        # ON CONFLICT: a prefix collision (62^8 space) retries instead of aborting the
+        # caller's transaction
+        stmt = (
+            insert(ApiKey)
+            .values(
+                id=uuid.uuid4(),
+                name=name,
+                tenant=tenant or name,
+                role=role,
+                prefix=prefix,
+                key_hash=hash_key(key),
+            )
+            .on_conflict_do_nothing(index_elements=["prefix"])
+            .returning(ApiKey)
+        )
+        row = (await session.scalars(stmt)).one_or_none()
+        if row is not None:
+            return row, key
+    raise RuntimeError("could not allocate a unique API key prefix")
+
+
+async def list_keys(session: AsyncSession, *, tenant: str | None = None) -> Sequence[ApiKey]:
+    stmt = select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)
+    if tenant is not None:
+        stmt = stmt.where(ApiKey.tenant == tenant)
+    return (await session.scalars(stmt)).all()
+
+
+async def revoke_key(session: AsyncSession, key_id: uuid.UUID) -> ApiKey | None:
+    """Mark a key revoked (idempotent: the first revocation time is kept); None if unknown."""
+    stmt = (
+        update(ApiKey)
+        .where(ApiKey.id == key_id)
+        .values(revoked_at=text("coalesce(revoked_at, now())"))
+        .returning(ApiKey)
+        .execution_options(synchronize_session=False, populate_existing=True)
+    )
+    row = (await session.scalars(stmt)).one_or_none()
+    cache.discard_key(key_id)
+    return row
+
+
+_LOOKUP_SQL = text(
+    "SELECT id, tenant, role, key_hash, revoked_at IS NOT NULL AS revoked, "
+    "coalesce(last_used_at < now() - make_interval(secs => :fresh), true) AS stale "
+    "FROM api_keys WHERE prefix = :prefix"
+)
+# SKIP LOCKED: concurrent requests with one key must not queue behind each other's
+# row lock (held until their commit) just to record the same timestamp
+_TOUCH_SQL = text(
+    "UPDATE api_keys SET last_used_at = now() "
+    "WHERE id = (SELECT id FROM api_keys WHERE id = :id FOR UPDATE SKIP LOCKED)"
+)
+
+
+async def authenticate(session: AsyncSession, key: str) -> Principal | None:
+    """The principal of a valid, unrevoked key; None for anything else.
+
+    Core SQL on the session's connection, no ORM: this runs on every cache miss.
+    """
+    key_hash = hash_key(key)
+    cached = cache.get(key_hash)
+    if cached is not None:
+        return cached
+    prefix = parse_prefix(key)
+    if prefix is None:
+        return None
+    conn = await session.connection()
+    row = (
+        (await conn.execute(_LOOKUP_SQL, {"prefix": prefix, "fresh": LAST_USED_RESOLUTION_S}))
+        .mappings()
+        .one_or_none()
+    )
+    if row is None or row["revoked"] or not hmac.compare_digest(row["key_hash"], key_hash):
+        return None
+    principal = Principal(key_id=row["id"], tenant=row["tenant"], role=KeyRole(row["role"]))
+    if row["stale"]:
+        await conn.execute(_TOUCH_SQL, {"id": row["id"]})
+    cache.put(key_hash, principal)
+    return principal

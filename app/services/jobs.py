@@ -1,0 +1,530 @@
+"""Job management: submit, read, list, pages, cancel, retry, delete, bulk — tenant-scoped SQL.
+
+Every statement carries `tenant = :tenant`: another tenant's job is indistinguishable from
+a missing one (404), enforced by the database query, not by filtering afterwards.
+
+Functions only execute and flush; the caller's unit of work commits (the request session
+commits before the response is sent). NOTIFYs issued here are delivered on that commit.
+
+Lock order: cancel follows the queue's order (task rows, then the job row) because it
+races with claims and completions on live jobs. Retry and delete lock the job row first:
+they act only on terminal jobs, whose tasks no claim or completion touches, and taking the
+job row first serialises them against each other on the same job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import Select, select, text, tuple_
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+from app.api.errors import Conflict, NotFound, Unprocessable
+from app.api.schemas import (
+    BulkAction,
+    BulkItemPublic,
+    BulkOutcome,
+    BulkResultPublic,
+    JobPublic,
+    JobSpecBase,
+    PagePublic,
+    ProgressPublic,
+)
+from app.database.models import Job, JobKind, JobStatus
+from app.scraper.ssrf import BlockedTarget, SSRFGuard
+from app.services import state
+from app.services.frontier import prepare
+from app.services.queue import NOTIFY_TASKS
+
+Conn = AsyncSession | AsyncConnection
+
+_JOB_COLUMNS = (
+    "id, kind, status, priority, created_at, started_at, finished_at, "
+    "total, queued, running, succeeded, failed, error, spec"
+)
+_ACTIVE = (JobStatus.queued.value, JobStatus.running.value)
+
+
+def job_from_row(row: Mapping[Any, Any]) -> JobPublic:
+    """A jobs row (the _JOB_COLUMNS) as the API resource."""
+    return JobPublic(
+        id=row["id"],
+        kind=row["kind"],
+        status=row["status"],
+        priority=row["priority"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        progress=ProgressPublic(
+            total=row["total"],
+            queued=row["queued"],
+            running=row["running"],
+            succeeded=row["succeeded"],
+            failed=row["failed"],
+        ),
+        error=row["error"],
+        spec=row["spec"],
+    )
+
+
+async def _conn(conn: Conn) -> AsyncConnection:
+    # Core statements on the session's own connection: same transaction, no ORM overhead
+    return await conn.connection() if isinstance(conn, AsyncSession) else conn
+
+
+# --------------------------------------------------------------------------------------
+# Submit
+
+
+def request_hash(request: JobSpecBase) -> str:
+    """sha256 of the canonical JSON of the validated request (defaults filled in)."""
+    canonical = {"kind": request.kind.value, "request": request.model_dump(mode="json")}
+    return hashlib.sha256(orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+# One round trip: the job row with its counters already set, every task (the URLs are
+# deduplicated beforehand, so no ON CONFLICT is needed there), and the executor wake-up,
+# which PostgreSQL delivers only when this transaction commits. With an idempotency key
+# already taken, the job CTE inserts nothing, so neither do the tasks; the caller then
+# reads the winner.
+_SUBMIT_SQL = text(
+    f"""
+WITH job AS (
+    INSERT INTO jobs (id, tenant, kind, priority, max_attempts, spec, idempotency_key,
+                      request_hash, total, queued)
+    VALUES (:id, :tenant, :kind, :priority, :max_attempts, CAST(:spec AS jsonb),
+            :idempotency_key, :request_hash, :n, :n)
+    ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING {_JOB_COLUMNS}
+), tasks AS (
+    INSERT INTO tasks (job_id, url, url_hash, host, depth, priority, max_attempts)
+    SELECT job.id, u.url, u.url_hash, u.host, 0, :priority, :max_attempts
+    FROM job CROSS JOIN unnest(CAST(:urls AS text[]), CAST(:hashes AS bytea[]),
+                               CAST(:hosts AS text[])) AS u(url, url_hash, host)
+)
+SELECT job.*, pg_notify('{NOTIFY_TASKS}', '') AS notified FROM job
+"""
+)
+
+_BY_IDEMPOTENCY_KEY_SQL = text(
+    f"SELECT {_JOB_COLUMNS}, request_hash FROM jobs "
+    "WHERE tenant = :tenant AND idempotency_key = :key"
+)
+
+
+def _prepare_urls(
+    urls: Sequence[str], guard: SSRFGuard | None
+) -> list[tuple[str, bytes, str, int]]:
+    try:
+        rows = prepare((url, 0) for url in urls)
+    except ValueError as error:  # the schema validated them; this is a second line only
+        raise Unprocessable(f"invalid URL: {error}") from None
+    if guard is not None and not guard.allow_private:
+        for canonical, _, _, _ in rows:
+            try:
+                guard.check_url(canonical)
+            except BlockedTarget as error:
+                raise Unprocessable(
+                    f"URL {canonical[:200]!r} is not allowed: {error}. Private and local "
+                    "targets need TRAWLER_ALLOW_PRIVATE_NETWORKS or TRAWLER_ALLOWED_CIDRS."
+                ) from None
+    return rows
+
+
+async def submit_job(
+    session: AsyncSession,
+    tenant: str,
+    request: JobSpecBase,
+    *,
+    guard: SSRFGuard | None = None,
+    idempotency_key: str | None = None,
+) -> tuple[JobPublic, bool]:
+    """Insert the job and its tasks; returns (job, created).
+
+    created is False when `idempotency_key` was already used by this tenant with the
+    same request (the existing job is returned); a different request raises Conflict.
+    """
+    rows = _prepare_urls(request.start_urls(), guard)
+    digest = request_hash(request) if idempotency_key is not None else None
+    conn = await _conn(session)
+    params = {
+        "tenant": tenant,
+        "kind": request.kind.value,
+        "priority": request.priority,
+        "max_attempts": request.max_attempts,
+        "spec": orjson.dumps(request.stored_spec()).decode(),
+        "idempotency_key": idempotency_key,
+        "request_hash": digest,
+        "n": len(rows),
+        "urls": [r[0] for r in rows],
+        "hashes": [r[1] for r in rows],
+        "hosts": [r[2] for r in rows],
+    }
+    # A taken key normally means one loop: insert nothing, read the winner. A winner
+    # deleted between the two statements frees the key, so the insert is tried again.
+    for _ in range(3):
+        row = (
+            (await conn.execute(_SUBMIT_SQL, {**params, "id": uuid.uuid4()}))
+            .mappings()
+            .one_or_none()
+        )
+        if row is not None:
+            return job_from_row(row), True
+        # ON CONFLICT waited for the competing transaction to commit, so a new statement
+        # (READ COMMITTED) sees its job
+        existing = (
+            (
+                await conn.execute(
+                    _BY_IDEMPOTENCY_KEY_SQL, {"tenant": tenant, "key": idempotency_key}
+                )
+            )
+            .mappings()
+            .one_or_none()
+        )
+        if existing is None:
+            continue
+        if existing["request_hash"] != digest:
+            raise Conflict(
+                f"Idempotency-Key {idempotency_key!r} was already used with a different "
+                f"request (job {existing['id']}); use a new key for a new request",
+                extra={"job_id": str(existing["id"])},
+            )
+        return job_from_row(existing), False
+    raise Conflict(f"Idempotency-Key {idempotency_key!r} is contended; retry the request")
+
+
+# --------------------------------------------------------------------------------------
+# Reads
+
+
+_GET_SQL = text(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = :id AND tenant = :tenant")
+
+
+async def get_job(conn: Conn, tenant: str, job_id: uuid.UUID) -> JobPublic | None:
+    """The hot read: one Core statement, the row mapped straight to the resource."""
+    connection = await _conn(conn)
+    row = (
+        (await connection.execute(_GET_SQL, {"id": job_id, "tenant": tenant}))
+        .mappings()
+        .one_or_none()
+    )
+    return None if row is None else job_from_row(row)
+
+
+async def require_job(conn: Conn, tenant: str, job_id: uuid.UUID) -> JobPublic:
+    job = await get_job(conn, tenant, job_id)
+    if job is None:
+        raise NotFound(f"job {job_id} not found")
+    return job
+
+
+@dataclass(frozen=True, slots=True)
+class JobFilters:
+    statuses: Sequence[JobStatus] = ()
+    kind: JobKind | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+
+JobKey = tuple[datetime, uuid.UUID]
+"""Keyset position in a job listing: (created_at, id) of the last row seen."""
+
+_jobs = Job.__table__
+
+
+def _list_query(tenant: str, filters: JobFilters, after: JobKey | None, limit: int) -> Select[Any]:
+    c = _jobs.c
+    stmt = select(
+        c.id, c.kind, c.status, c.priority, c.created_at, c.started_at, c.finished_at,
+        c.total, c.queued, c.running, c.succeeded, c.failed, c.error, c.spec,
+    ).where(c.tenant == tenant)  # fmt: skip
+    if filters.statuses:
+        stmt = stmt.where(c.status.in_(list(filters.statuses)))
+    if filters.kind is not None:
+        stmt = stmt.where(c.kind == filters.kind)
+    if filters.created_after is not None:
+        stmt = stmt.where(c.created_at >= filters.created_after)
+    if filters.created_before is not None:
+        stmt = stmt.where(c.created_at < filters.created_before)
+    if after is not None:
+        # row comparison: served by ix_jobs_tenant_created scanned backwards
+        stmt = stmt.where(tuple_(c.created_at, c.id) < tuple_(*after))
+    return stmt.order_by(c.created_at.desc(), c.id.desc()).limit(limit + 1)
+
+
+async def list_jobs(
+    conn: Conn,
+    tenant: str,
+    filters: JobFilters,
+    *,
+    limit: int = 50,
+    after: JobKey | None = None,
+) -> tuple[list[JobPublic], JobKey | None]:
+    """Newest first; returns the page and the key to continue after (None: last page)."""
+    connection = await _conn(conn)
+    rows = (await connection.execute(_list_query(tenant, filters, after, limit))).mappings()
+    items = [job_from_row(row) for row in rows]
+    if len(items) <= limit:
+        return items, None
+    items = items[:limit]
+    return items, (items[-1].created_at, items[-1].id)
+
+
+# One round trip for "404 or a page of results": the job row (tenant-scoped) joined to
+# at most n+1 of its pages after the cursor. No row at all means no such job.
+_PAGES_SQL = text(
+    """
+SELECT j.id AS job_id, p.id, p.url, p.final_url, p.status_code, p.ok, p.depth,
+       p.fetched_at, p.elapsed_ms, p.data, p.error
+FROM jobs j
+LEFT JOIN LATERAL (
+    SELECT * FROM pages
+    WHERE pages.job_id = j.id AND pages.id > :after
+      AND (CAST(:ok AS boolean) IS NULL OR pages.ok = CAST(:ok AS boolean))
+    ORDER BY pages.id
+    LIMIT :n
+) p ON true
+WHERE j.id = :job AND j.tenant = :tenant
+ORDER BY p.id
+"""
+)
+
+
+async def list_pages(
+    conn: Conn,
+    tenant: str,
+    job_id: uuid.UUID,
+    *,
+    ok: bool | None = None,
+    limit: int = 50,
+    after: int = 0,
+) -> tuple[list[PagePublic], int | None]:
+    """Stored results in id order; returns the page and the id to continue after."""
+    connection = await _conn(conn)
+    rows = (
+        (
+            await connection.execute(
+                _PAGES_SQL,
+                {"job": job_id, "tenant": tenant, "after": after, "ok": ok, "n": limit + 1},
+            )
+        )
+        .mappings()
+        .all()
+    )
+    if not rows:
+        raise NotFound(f"job {job_id} not found")
+    found = [row for row in rows if row["id"] is not None]
+    items = [
+        PagePublic(
+            url=row["url"],
+            final_url=row["final_url"],
+            status_code=row["status_code"],
+            ok=row["ok"],
+            depth=row["depth"],
+            fetched_at=row["fetched_at"],
+            elapsed_ms=row["elapsed_ms"],
+            data=row["data"],
+            error=row["error"],
+        )
+        for row in found[:limit]
+    ]
+    next_after = int(found[limit - 1]["id"]) if len(found) > limit else None
+    return items, next_after
+
+
+# --------------------------------------------------------------------------------------
+# Cancel
+
+
+_STATUS_SQL = text("SELECT status FROM jobs WHERE id = :id AND tenant = :tenant")
+_STATUS_FOR_UPDATE_SQL = text(
+    "SELECT status FROM jobs WHERE id = :id AND tenant = :tenant FOR UPDATE"
+)
+
+# Task rows first (the queue's lock order). Leased tasks are cancelled too: the worker
+# holding one cannot complete it any more (completion requires status = 'leased'), and
+# the NOTIFY of the transition makes it abort the fetch.
+_CANCEL_TASKS_SQL = text(
+    """
+UPDATE tasks SET status = 'cancelled', lease_owner = NULL, lease_expires_at = NULL,
+                 updated_at = now()
+WHERE job_id = :id AND status IN ('queued', 'leased')
+  AND EXISTS (SELECT 1 FROM jobs WHERE jobs.id = :id AND jobs.tenant = :tenant)
+"""
+)
+_ZERO_ACTIVE_SQL = text(
+    "UPDATE jobs SET queued = 0, running = 0, updated_at = now() "
+    "WHERE id = :id AND tenant = :tenant AND status IN ('queued', 'running')"
+)
+
+
+async def _status(conn: AsyncConnection, tenant: str, job_id: uuid.UUID, lock: bool) -> str:
+    sql = _STATUS_FOR_UPDATE_SQL if lock else _STATUS_SQL
+    status = (await conn.execute(sql, {"id": job_id, "tenant": tenant})).scalar_one_or_none()
+    if status is None:
+        raise NotFound(f"job {job_id} not found")
+    return str(status)
+
+
+async def cancel_job(session: AsyncSession, tenant: str, job_id: uuid.UUID) -> JobPublic:
+    """Cancel a queued or running job; cancelling a cancelled job returns it unchanged.
+
+    Conflict once it completed or failed.
+    """
+    conn = await _conn(session)
+    status = await _status(conn, tenant, job_id, lock=False)
+    if status == JobStatus.cancelled:
+        return await require_job(conn, tenant, job_id)
+    if status not in _ACTIVE:
+        raise Conflict(f"job {job_id} is already {status}; only queued or running jobs cancel")
+    params = {"id": job_id, "tenant": tenant}
+    await conn.execute(_CANCEL_TASKS_SQL, params)
+    await conn.execute(_ZERO_ACTIVE_SQL, params)
+    moved = await state.transition(conn, job_id, JobStatus.cancelled)
+    if not moved:
+        # it finished (or was cancelled) between our read and our update
+        job = await require_job(conn, tenant, job_id)
+        if job.status != JobStatus.cancelled:
+            raise Conflict(f"job {job_id} is already {job.status.value}")
+        return job
+    return await require_job(conn, tenant, job_id)
+
+
+# --------------------------------------------------------------------------------------
+# Retry
+
+
+_REQUEUE_FAILED_SQL = text(
+    """
+WITH requeued AS (
+    UPDATE tasks SET status = 'queued', attempts = 0, next_attempt_at = now(),
+                     last_error = NULL, lease_owner = NULL, lease_expires_at = NULL,
+                     updated_at = now()
+    WHERE job_id = :id AND status = 'failed'
+      AND EXISTS (SELECT 1 FROM jobs WHERE jobs.id = :id AND jobs.tenant = :tenant)
+    RETURNING id
+), dropped AS (
+    DELETE FROM pages WHERE task_id IN (SELECT id FROM requeued)
+)
+SELECT count(*) FROM requeued
+"""
+)
+
+# Counters recomputed from the tasks themselves rather than adjusted: a retry is rare
+# and this leaves them exactly right whatever happened before.
+_RECOUNT_SQL = text(
+    """
+UPDATE jobs j SET
+    total = c.total, queued = c.queued, running = c.running,
+    succeeded = c.succeeded, failed = c.failed, updated_at = now()
+FROM (
+    SELECT count(*) AS total,
+           count(*) FILTER (WHERE status = 'queued') AS queued,
+           count(*) FILTER (WHERE status = 'leased') AS running,
+           count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
+           count(*) FILTER (WHERE status = 'failed') AS failed
+    FROM tasks WHERE job_id = :id
+) c
+WHERE j.id = :id AND j.tenant = :tenant
+"""
+)
+
+
+async def retry_job(session: AsyncSession, tenant: str, job_id: uuid.UUID) -> JobPublic:
+    """Re-queue the failed tasks of a finished job (their pages are dropped).
+
+    Conflict while the job is queued or running, and when nothing failed.
+    """
+    conn = await _conn(session)
+    status = await _status(conn, tenant, job_id, lock=True)
+    if status in _ACTIVE:
+        raise Conflict(f"job {job_id} is {status}; retry it once it has finished")
+    params = {"id": job_id, "tenant": tenant}
+    requeued = int((await conn.execute(_REQUEUE_FAILED_SQL, params)).scalar_one())
+    if requeued == 0:
+        raise Conflict(f"job {job_id} has no failed tasks to retry")
+    await conn.execute(_RECOUNT_SQL, params)
+    await state.transition(conn, job_id, JobStatus.queued, data={"retried": requeued})
+    await conn.execute(text("SELECT pg_notify(:c, '')"), {"c": NOTIFY_TASKS})
+    return await require_job(conn, tenant, job_id)
+
+
+# --------------------------------------------------------------------------------------
+# Delete
+
+
+async def delete_job(session: AsyncSession, tenant: str, job_id: uuid.UUID) -> None:
+    """Delete a finished job; its tasks, pages and events go by ON DELETE CASCADE.
+
+    Conflict while it is queued or running (cancel it first).
+    """
+    job = (
+        await session.scalars(
+            select(Job).where(Job.id == job_id, Job.tenant == tenant).with_for_update()
+        )
+    ).one_or_none()
+    if job is None:
+        raise NotFound(f"job {job_id} not found")
+    if job.status in _ACTIVE:
+        raise Conflict(f"job {job_id} is {job.status.value}; cancel it before deleting it")
+    await session.delete(job)
+    await session.flush()
+
+
+# --------------------------------------------------------------------------------------
+# Bulk
+
+
+@dataclass
+class _Tally:
+    results: list[BulkItemPublic] = field(default_factory=list)
+
+    def add(
+        self,
+        job_id: uuid.UUID,
+        outcome: BulkOutcome,
+        status: JobStatus | None = None,
+        detail: str | None = None,
+    ) -> None:
+        item = BulkItemPublic(id=job_id, outcome=outcome, status=status, detail=detail)
+        self.results.append(item)
+
+    def counts(self) -> dict[BulkOutcome, int]:
+        counts: dict[BulkOutcome, int] = {"ok": 0, "not_found": 0, "conflict": 0}
+        for item in self.results:
+            counts[item.outcome] += 1
+        return counts
+
+
+async def bulk(
+    session: AsyncSession, tenant: str, action: BulkAction, ids: Sequence[uuid.UUID]
+) -> BulkResultPublic:
+    """Apply one action to many jobs; each id gets its own outcome.
+
+    Each job runs in a SAVEPOINT, so a job refused half-way leaves nothing behind while
+    the others' changes stand; all of it commits together with the request.
+    """
+    tally = _Tally()
+    for job_id in dict.fromkeys(ids):  # de-duplicated, order kept
+        try:
+            async with session.begin_nested():
+                if action == "cancel":
+                    job = await cancel_job(session, tenant, job_id)
+                    tally.add(job_id, "ok", job.status)
+                elif action == "retry":
+                    job = await retry_job(session, tenant, job_id)
+                    tally.add(job_id, "ok", job.status)
+                else:
+                    await delete_job(session, tenant, job_id)
+                    tally.add(job_id, "ok")
+        except NotFound as error:
+            tally.add(job_id, "not_found", detail=error.detail)
+        except Conflict as error:
+            tally.add(job_id, "conflict", detail=error.detail)
+    return BulkResultPublic(action=action, results=tally.results, counts=tally.counts())

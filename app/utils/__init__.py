@@ -1,0 +1,1 @@
+"""Runtime machinery: the job executor and its task handlers."""

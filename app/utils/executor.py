@@ -1,0 +1,615 @@
+"""AsyncJobExecutor: claims tasks from PostgreSQL, runs them, stores results in batches.
+
+Shape of one worker process:
+
+* a claim loop leases due tasks in batches (one SKIP LOCKED statement, app.services.queue)
+  whenever there is room, woken by LISTEN/NOTIFY and by a polling fallback;
+* every claimed task runs as its own asyncio task under a global concurrency bound and a
+  per-host gate (concurrency per host, delay between starts, Retry-After);
+* outcomes go to a writer that stores them in batches (group commit), fenced by the lease,
+  so a worker that lost its lease stores nothing and no result is stored twice;
+* a heartbeat renews this worker's leases and its `workers` row, requeues tasks held by
+  dead workers, and notices drain requests; cancelled jobs abort their in-flight fetches;
+* stop() drains: no new claims, in-flight work gets a grace period, unfinished leases go
+  back to the queue, the worker row is marked stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from collections import OrderedDict, defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import text
+
+from app import __version__
+from app.config import Settings
+from app.database.connection import ConnectionManager, DatabaseUnavailable
+from app.database.listener import PgListener
+from app.database.models import JobStatus
+from app.services import queue
+from app.services.queue import ClaimedTask, Outcome
+from app.services.state import NOTIFY_JOBS
+from app.utils.handlers import (
+    JobContext,
+    ScrapeHandler,
+    TaskHandler,
+    crash_outcome,
+    exhausted,
+    load_job_context,
+)
+
+logger = logging.getLogger(__name__)
+
+# Errors that mean "the database is briefly unreachable": the loops back off and go on.
+TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    DatabaseUnavailable,
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.TimeoutError,
+    sa_exc.DBAPIError,
+)
+
+
+def is_retryable_db_error(error: BaseException) -> bool:
+    if isinstance(error, sa_exc.DBAPIError):
+        code = getattr(error.orig, "sqlstate", None) or getattr(error.orig, "pgcode", None)
+        # deadlock / serialization failure: retry the batch; connection problems: back off
+        if code in {"40P01", "40001"}:
+            return True
+        return bool(
+            error.connection_invalidated
+            or isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError)
+            or isinstance(error.orig, OSError | TimeoutError)
+            or "connection" in str(error.orig).lower()
+        )
+    return isinstance(error, TRANSIENT_DB_ERRORS)
+
+
+@dataclass
+class ExecutorStats:
+    claimed: int = 0
+    claim_batches: int = 0
+    completed: int = 0
+    flushes: int = 0
+    retried: int = 0
+    failed: int = 0
+    cancelled_inflight: int = 0
+    recovered: int = 0
+    db_errors: int = 0
+
+
+@dataclass
+class HostGate:
+    """Politeness for one host inside this process: concurrency, spacing, Retry-After."""
+
+    limit: int
+    delay_s: float = 0.0
+    in_flight: int = 0
+    next_start: float = 0.0
+    blocked_until: float = 0.0
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+
+    async def acquire(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            wait_for = max(self.next_start, self.blocked_until) - now
+            if self.in_flight < self.limit and wait_for <= 0:
+                self.in_flight += 1
+                self.next_start = now + self.delay_s
+                return
+            if self.in_flight >= self.limit:
+                fut: asyncio.Future[None] = loop.create_future()
+                self.waiters.append(fut)
+                try:
+                    await fut
+                finally:
+                    if fut in self.waiters:
+                        self.waiters.remove(fut)
+            else:
+                await asyncio.sleep(wait_for)
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        while self.waiters:
+            fut = self.waiters.pop(0)
+            if not fut.done():
+                fut.set_result(None)
+                break
+
+    def back_off(self, seconds: float) -> None:
+        until = asyncio.get_running_loop().time() + seconds
+        self.blocked_until = max(self.blocked_until, until)
+
+
+class AsyncJobExecutor:
+    def __init__(
+        self,
+        db: ConnectionManager,
+        settings: Settings,
+        *,
+        handler: TaskHandler | None = None,
+        concurrency: int | None = None,
+        listen: bool = True,
+        name: str | None = None,
+    ) -> None:
+        self.db = db
+        self.settings = settings
+        self.worker_id = uuid.uuid4()
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.concurrency = concurrency or settings.worker_concurrency
+        self.batch = settings.claim_batch
+        self.handler: TaskHandler = handler or ScrapeHandler(settings)
+        self.stats = ExecutorStats()
+        self._listener = (
+            PgListener(
+                db.url, enabled=listen and not settings.pgbouncer, application_name="trawler-worker"
+            )
+            if listen
+            else None
+        )
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._claiming_stopped = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._outcomes: list[Outcome] = []
+        self._outcome_ready = asyncio.Event()
+        self._inflight: dict[int, asyncio.Task[None]] = {}
+        self._by_job: dict[uuid.UUID, set[int]] = defaultdict(set)
+        self._unflushed: set[int] = set()
+        self._contexts: OrderedDict[uuid.UUID, JobContext] = OrderedDict()
+        self._running_jobs: set[uuid.UUID] = set()
+        self._gates: dict[str, HostGate] = {}
+        self._loops: list[asyncio.Task[None]] = []
+        self._draining = False
+        self._more_work = True
+        self._started = False
+        self.crashed: BaseException | None = None
+        self.finished_jobs: asyncio.Queue[uuid.UUID] = asyncio.Queue()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        await self._register()
+        if self._listener is not None:
+            self._listener.subscribe(queue.NOTIFY_TASKS, self._on_tasks_notification)
+            self._listener.subscribe(NOTIFY_JOBS, self._on_job_notification)
+            self._listener.start()
+        loop = asyncio.get_running_loop()
+        self._loops = [
+            loop.create_task(self._claim_loop(), name="executor-claim"),
+            loop.create_task(self._writer_loop(), name="executor-writer"),
+            loop.create_task(self._heartbeat_loop(), name="executor-heartbeat"),
+            loop.create_task(self._cancel_watch_loop(), name="executor-cancel-watch"),
+        ]
+        for task in self._loops:
+            task.add_done_callback(self._loop_done)
+        self._wake.set()
+        logger.info(
+            "worker %s started (%s, concurrency %d)", self.worker_id, self.name, self.concurrency
+        )
+
+    def _loop_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            # a loop died of a bug: stop the whole worker rather than idle while registered
+            self.crashed = error
+            logger.critical(
+                "executor loop %s crashed; stopping worker", task.get_name(), exc_info=error
+            )
+            self.request_stop()
+
+    def _on_tasks_notification(self, _channel: str, _payload: str) -> None:
+        self._more_work = True
+        self._wake.set()
+
+    def request_stop(self) -> None:
+        """Stop claiming now; stop() finishes the drain."""
+        self._stopping.set()
+        self._wake.set()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful stop: finish in-flight work within the grace period, return the rest."""
+        if not self._started:
+            return
+        grace = self.settings.shutdown_grace if grace is None else grace
+        self.request_stop()
+        claim_loop = self._loops[0] if self._loops else None
+        if claim_loop is not None:
+            await asyncio.gather(claim_loop, return_exceptions=True)
+        pending = list(self._inflight.values())
+        if pending:
+            _done, still = await asyncio.wait(pending, timeout=grace)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.gather(*still, return_exceptions=True)
+                logger.warning("%d tasks unfinished after %.1fs grace", len(still), grace)
+        # the writer flushes what finished, then everything else still leased goes back
+        self._outcome_ready.set()
+        for task in self._loops[1:]:
+            task.cancel()
+        await asyncio.gather(*self._loops[1:], return_exceptions=True)
+        await self._flush_all(final=True)
+        try:
+            async with self.db.connect() as conn:
+                released = await queue.release(conn, self.worker_id)
+                await conn.execute(
+                    text(
+                        "UPDATE workers SET state = 'stopped', in_flight = 0, "
+                        "heartbeat_at = now() WHERE id = :id"
+                    ),
+                    {"id": self.worker_id},
+                )
+            if released:
+                logger.info("returned %d unfinished leases to the queue", released)
+        except TRANSIENT_DB_ERRORS as error:
+            # their leases expire and another worker recovers them
+            logger.warning("could not return leases on shutdown: %s", error)
+        if self._listener is not None:
+            await self._listener.stop()
+        await self.handler.close()
+        self._started = False
+        logger.info("worker %s stopped", self.worker_id)
+
+    async def run_forever(self) -> None:
+        """Run until request_stop() (SIGTERM handler) or a drain request, then stop()."""
+        await self.start()
+        await self._stopping.wait()
+        await self.stop()
+
+    # ------------------------------------------------------------------ registration
+
+    async def _register(self) -> None:
+        async with self.db.connect() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO workers (id, hostname, pid, concurrency, version) "
+                    "VALUES (:id, :host, :pid, :c, :v)"
+                ),
+                {
+                    "id": self.worker_id,
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "c": self.concurrency,
+                    "v": __version__,
+                },
+            )
+
+    # ------------------------------------------------------------------ claiming
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._inflight)
+
+    async def _claim_loop(self) -> None:
+        backoff = 0.5
+        while not self._stopping.is_set():
+            if self._draining:
+                # drain: claim nothing more, exit once in-flight work is stored
+                if not self.outstanding and not self._outcomes:
+                    self.request_stop()
+                    break
+                await self._wait_wake(0.2)
+                continue
+            # refill only when a batch' worth of room is free, so claims stay batched; up
+            # to `concurrency` tasks may wait locally (per-host gates) beyond those running
+            room = 2 * self.concurrency - self.outstanding
+            if self.outstanding and room < min(self.batch, self.concurrency):
+                await self._wait_wake(self.settings.poll_interval)
+                continue
+            asked = min(room, self.batch)
+            try:
+                async with self.db.connect() as conn:
+                    tasks = await queue.claim(
+                        conn, self.worker_id, asked, self.settings.lease_seconds
+                    )
+                    new_jobs = {t.job_id for t in tasks} - self._running_jobs
+                    if new_jobs:
+                        await queue.mark_jobs_running(conn, list(new_jobs))
+                if tasks:
+                    await self._ensure_contexts({t.job_id for t in tasks})
+                    self._running_jobs |= {t.job_id for t in tasks}
+            except TRANSIENT_DB_ERRORS as error:
+                if not is_retryable_db_error(error):
+                    logger.exception("claim failed")
+                    raise
+                self.stats.db_errors += 1
+                logger.warning("claim failed (%s); retrying in %.1fs", _short(error), backoff)
+                await self._wait_wake(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            backoff = 0.5
+            self.stats.claim_batches += 1
+            self.stats.claimed += len(tasks)
+            for task in tasks:
+                self._spawn(task)
+            # a short claim means the queue is drained for now: sleep until NOTIFY (new
+            # work) or the poll interval (retries coming due); a full one means claim again
+            # as soon as there is room
+            self._more_work = len(tasks) >= asked
+            if not self._more_work:
+                await self._wait_wake(self.settings.poll_interval)
+
+    async def _wait_wake(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
+
+    async def _ensure_contexts(self, job_ids: set[uuid.UUID]) -> None:
+        missing = [j for j in job_ids if j not in self._contexts]
+        if missing:
+            async with self.db.connect() as conn:
+                contexts = await load_job_context(conn, missing, self.settings)
+            for ctx in contexts:
+                self._contexts[ctx.job_id] = ctx
+        for job_id in job_ids:
+            if job_id in self._contexts:
+                self._contexts.move_to_end(job_id)
+        while len(self._contexts) > 1000:
+            self._contexts.popitem(last=False)
+
+    def _spawn(self, task: ClaimedTask) -> None:
+        runner = asyncio.get_running_loop().create_task(self._run_task(task))
+        self._inflight[task.id] = runner
+        self._by_job[task.job_id].add(task.id)
+        self._unflushed.add(task.id)
+
+    def _gate(self, host: str, ctx: JobContext) -> HostGate:
+        gate = self._gates.get(host)
+        if gate is None:
+            gate = self._gates[host] = HostGate(limit=ctx.per_host_concurrency, delay_s=ctx.delay_s)
+        else:
+            # the strictest politeness of the jobs using the host wins
+            gate.limit = (
+                min(gate.limit, ctx.per_host_concurrency)
+                if gate.in_flight
+                else (ctx.per_host_concurrency)
+            )
+            gate.delay_s = max(gate.delay_s, ctx.delay_s)
+        return gate
+
+    async def _run_task(self, task: ClaimedTask) -> None:
+        ctx = self._contexts.get(task.job_id)
+        try:
+            if ctx is None:
+                outcome = Outcome(task.id, task.job_id, "failed", error="job vanished", page=None)
+            else:
+                outcome = await self._execute(task, ctx)
+            self._record(outcome)
+        except asyncio.CancelledError:
+            # cancelled job or shutdown: no outcome; the row is cancelled or gets released
+            self.stats.cancelled_inflight += 1
+            raise
+        finally:
+            self._inflight.pop(task.id, None)
+            ids = self._by_job.get(task.job_id)
+            if ids is not None:
+                ids.discard(task.id)
+                if not ids:
+                    del self._by_job[task.job_id]
+            if self._more_work or self._draining:
+                self._wake.set()
+
+    async def _execute(self, task: ClaimedTask, ctx: JobContext) -> Outcome:
+        gate = self._gate(task.host, ctx)
+        await gate.acquire()
+        try:
+            async with self._slots:
+                outcome = await self.handler(task, ctx)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            # a bug in extraction must not kill the worker: record it on the page
+            logger.exception("task %s (%s) crashed", task.id, task.url)
+            outcome = crash_outcome(task, error)
+        finally:
+            gate.release()
+        if outcome.state == "retry":
+            if task.attempts >= task.max_attempts:
+                outcome = exhausted(task, outcome)
+            else:
+                if outcome.retry_in_s <= 0:
+                    outcome.retry_in_s = self._backoff(task.attempts)
+                if outcome.retry_after_host:
+                    gate.back_off(outcome.retry_in_s)
+        return outcome
+
+    def _backoff(self, attempt: int) -> float:
+        base: float = self.settings.retry_base_s * float(2 ** max(0, attempt - 1))
+        capped = min(self.settings.retry_max_s, base)
+        return capped * random.uniform(0.5, 1.0)
+
+    # ------------------------------------------------------------------ writing
+
+    def _record(self, outcome: Outcome) -> None:
+        if outcome.state == "retry":
+            self.stats.retried += 1
+        elif outcome.state == "failed":
+            self.stats.failed += 1
+        self._outcomes.append(outcome)
+        self._outcome_ready.set()
+
+    async def _writer_loop(self) -> None:
+        while True:
+            await self._outcome_ready.wait()
+            self._outcome_ready.clear()
+            # group commit: let a few more outcomes arrive unless the batch is full
+            if len(self._outcomes) < self.batch and self._inflight:
+                await asyncio.sleep(self.settings.flush_interval)
+            await self._flush_all(final=False)
+
+    async def _flush_all(self, *, final: bool) -> None:
+        backoff = 0.2
+        while self._outcomes:
+            chunk = self._outcomes[: self.batch * 5]
+            try:
+                async with self.db.connect() as conn:
+                    finished = await queue.complete(conn, self.worker_id, chunk)
+            except TRANSIENT_DB_ERRORS as error:
+                if not is_retryable_db_error(error):
+                    logger.exception("storing %d outcomes failed", len(chunk))
+                    raise
+                self.stats.db_errors += 1
+                if final and backoff > 5:
+                    logger.error("giving up on %d outcomes at shutdown: %s", len(chunk), error)
+                    return
+                logger.warning("storing results failed (%s); retrying", _short(error))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            del self._outcomes[: len(chunk)]
+            self.stats.flushes += 1
+            self.stats.completed += sum(1 for o in chunk if o.state != "retry")
+            for outcome in chunk:
+                self._unflushed.discard(outcome.task_id)
+            for job_id in finished:
+                self._running_jobs.discard(job_id)
+                self.finished_jobs.put_nowait(job_id)
+            if any(o.state == "retry" for o in chunk):
+                self._more_work = True
+                self._wake.set()
+
+    # ------------------------------------------------------------------ heartbeat
+
+    async def _heartbeat_loop(self) -> None:
+        beat = 0
+        interval = self.settings.heartbeat_seconds
+        while True:
+            await asyncio.sleep(interval)
+            beat += 1
+            try:
+                async with self.db.connect() as conn:
+                    state = (
+                        await conn.execute(
+                            text(
+                                "UPDATE workers SET heartbeat_at = now(), in_flight = :n "
+                                "WHERE id = :id RETURNING state"
+                            ),
+                            {"id": self.worker_id, "n": self.outstanding},
+                        )
+                    ).scalar_one_or_none()
+                    if self.outstanding:
+                        await queue.renew_leases(conn, self.worker_id, self.settings.lease_seconds)
+                if state is None:
+                    # our row was removed (purged as stale): register again
+                    await self._register()
+                elif state == "draining" and not self._draining:
+                    logger.info("drain requested: finishing in-flight work, then exiting")
+                    self._draining = True
+                    self._wake.set()
+                if beat % 3 == 1:
+                    async with self.db.connect() as conn:
+                        recovered = await queue.recover_lost(
+                            conn, stale_s=self.settings.worker_stale_seconds
+                        )
+                    if recovered:
+                        self.stats.recovered += recovered
+                        logger.warning("requeued %d tasks held by lost workers", recovered)
+            except TRANSIENT_DB_ERRORS as error:
+                if not is_retryable_db_error(error):
+                    logger.exception("heartbeat failed")
+                    raise
+                self.stats.db_errors += 1
+                logger.warning("heartbeat failed: %s", _short(error))
+
+    # ------------------------------------------------------------------ cancellation
+
+    def _on_job_notification(self, _channel: str, payload: str) -> None:
+        job_text, _, status = payload.partition(":")
+        if status != JobStatus.cancelled.value:
+            return
+        with contextlib.suppress(ValueError):
+            self._cancel_job(uuid.UUID(job_text))
+
+    def _cancel_job(self, job_id: uuid.UUID) -> None:
+        for task_id in list(self._by_job.get(job_id, ())):
+            runner = self._inflight.get(task_id)
+            if runner is not None:
+                runner.cancel()
+        self._running_jobs.discard(job_id)
+        self._contexts.pop(job_id, None)
+
+    async def _cancel_watch_loop(self) -> None:
+        """Polling fallback for cancellation (NOTIFY may be lost or unavailable)."""
+        while True:
+            await asyncio.sleep(1.0)
+            jobs = list(self._by_job)
+            if not jobs:
+                continue
+            try:
+                async with self.db.connect() as conn:
+                    rows = await conn.execute(
+                        text(
+                            "SELECT id FROM jobs WHERE id = ANY(CAST(:ids AS uuid[])) "
+                            "AND status = 'cancelled'"
+                        ),
+                        {"ids": jobs},
+                    )
+                    for (job_id,) in rows:
+                        self._cancel_job(job_id)
+            except TRANSIENT_DB_ERRORS as error:
+                if not is_retryable_db_error(error):
+                    logger.exception("cancel watch failed")
+                    raise
+                self.stats.db_errors += 1
+
+    # ------------------------------------------------------------------ helpers for callers
+
+    async def wait_for_jobs(
+        self,
+        job_ids: set[uuid.UUID],
+        *,
+        on_tick: Callable[[], Awaitable[None]] | None = None,
+        tick: float = 0.5,
+    ) -> None:
+        """Return once every job is terminal (checked in the database)."""
+        remaining = set(job_ids)
+        while remaining:
+            with contextlib.suppress(TimeoutError):
+                finished = await asyncio.wait_for(self.finished_jobs.get(), timeout=tick)
+                remaining.discard(finished)
+            if on_tick is not None:
+                await on_tick()
+            async with self.db.connect() as conn:
+                rows = await conn.execute(
+                    text(
+                        "SELECT id FROM jobs WHERE id = ANY(CAST(:ids AS uuid[])) "
+                        "AND status IN ('completed', 'failed', 'cancelled')"
+                    ),
+                    {"ids": list(remaining)},
+                )
+                remaining -= {r[0] for r in rows}
+
+
+def _short(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:200]
+
+
+def executor_stats(executor: AsyncJobExecutor) -> dict[str, Any]:
+    return {
+        "worker_id": str(executor.worker_id),
+        "outstanding": executor.outstanding,
+        **executor.stats.__dict__,
+        "time": time.time(),
+    }

@@ -1,0 +1,270 @@
+"""AsyncJobExecutor against a real PostgreSQL and a real local HTTP site."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from sqlalchemy import text
+
+from app.config import Settings
+from app.database.connection import ConnectionManager
+from app.utils.executor import AsyncJobExecutor
+from tests.conftest import make_settings
+from tests.support.jobs import create_job, job_row, pages_of, task_counts
+from tests.support.site import LocalSite
+
+EXTRACT = {
+    "title": {"css": "h1", "value": "text"},
+    "price": {"css": ".price", "value": "text"},
+}
+
+
+@pytest.fixture
+async def site() -> AsyncIterator[LocalSite]:
+    async with LocalSite().serve() as s:
+        yield s
+
+
+@pytest.fixture
+def worker_settings(db_url: str) -> Settings:
+    return make_settings(
+        db_url,
+        retry_base_s=0.05,
+        retry_max_s=0.5,
+        worker_stale_seconds=2.0,
+        lease_seconds=30.0,
+        worker_concurrency=16,
+        shutdown_grace=2.0,
+    )
+
+
+ExecutorFactory = Callable[..., "asyncio.Future[AsyncJobExecutor]"]
+
+
+@pytest.fixture
+async def executors(worker_settings: Settings) -> AsyncIterator[list[AsyncJobExecutor]]:
+    """Started executors are appended here by tests and stopped afterwards."""
+    started: list[AsyncJobExecutor] = []
+    yield started
+    for ex in started:
+        await ex.stop(grace=1.0)
+        await ex.db.dispose()
+
+
+async def start_executor(
+    settings: Settings, started: list[AsyncJobExecutor], **kwargs: object
+) -> AsyncJobExecutor:
+    db = ConnectionManager(settings, application_name="trawler-worker")
+    ex = AsyncJobExecutor(db, settings, **kwargs)  # type: ignore[arg-type]
+    await ex.start()
+    started.append(ex)
+    return ex
+
+
+async def wait_terminal(db: ConnectionManager, job_id: uuid.UUID, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = await job_row(db, job_id)
+        if row["status"] in ("completed", "failed", "cancelled"):
+            return row
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"job still {row['status']} after {timeout}s: {row}")
+
+
+async def crash(ex: AsyncJobExecutor) -> None:
+    """Simulate kill -9: everything stops, nothing is released or deregistered."""
+    tasks = [*ex._loops, *ex._inflight.values()]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    if ex._listener is not None:
+        await ex._listener.stop()
+    await ex.handler.close()
+    ex._started = False
+    await ex.db.dispose()
+
+
+async def test_scrape_200_pages_stored_once_with_fields(
+    db: ConnectionManager, site: LocalSite, worker_settings: Settings, executors: list
+) -> None:
+    urls = [site.url(f"/page/{n}") for n in range(200)]
+    job_id = await create_job(db, urls, extract=EXTRACT)
+    await start_executor(worker_settings, executors)
+    row = await wait_terminal(db, job_id)
+
+    assert row["status"] == "completed"
+    assert (row["total"], row["succeeded"], row["failed"], row["queued"], row["running"]) == (
+        200,
+        200,
+        0,
+        0,
+        0,
+    )
+    pages = await pages_of(db, job_id)
+    assert len(pages) == 200
+    assert len({p["url"] for p in pages}) == 200
+    by_url = {p["url"]: p for p in pages}
+    for n in range(200):
+        page = by_url[site.url(f"/page/{n}")]
+        assert page["ok"] is True and page["status_code"] == 200
+        assert page["data"] == {"title": f"Product {n}", "price": f"{n}.99"}
+    assert all(site.hits[f"/page/{n}"] == 1 for n in range(200))
+    assert await task_counts(db, job_id) == {"succeeded": 200}
+    async with db.connect() as conn:
+        statuses = [
+            r[0]
+            for r in await conn.execute(
+                text("SELECT status FROM job_events WHERE job_id = :j ORDER BY id"), {"j": job_id}
+            )
+        ]
+    assert statuses == ["running", "completed"]
+    assert row["started_at"] is not None and row["finished_at"] >= row["started_at"]
+
+
+async def test_error_kinds_retries_and_content(
+    db: ConnectionManager, site: LocalSite, worker_settings: Settings, executors: list
+) -> None:
+    paths = [
+        "/missing",
+        "/flaky/a",
+        "/limited/a",
+        "/slow",
+        "/reset",
+        "/redirect/3",
+        "/big",
+        "/binary",
+        "/legacy",
+    ]
+    job_id = await create_job(
+        db,
+        [site.url(p) for p in paths],
+        extract={"title": {"css": "h1", "value": "text"}},
+        max_attempts=3,
+        options={"timeout_s": 1},
+    )
+    started = time.monotonic()
+    await start_executor(worker_settings, executors)
+    row = await wait_terminal(db, job_id, timeout=40)
+    assert row["status"] == "completed"
+    pages = {p["url"].removeprefix(site.base): p for p in await pages_of(db, job_id)}
+    assert set(pages) == set(paths)
+
+    assert pages["/missing"]["status_code"] == 404 and not pages["/missing"]["ok"]
+    assert site.hits["/missing"] == 1, "a 404 is final, never retried"
+
+    assert pages["/flaky/a"]["ok"] and site.hits["/flaky/a"] == 3
+    assert pages["/flaky/a"]["data"] == {"title": "finally"}
+
+    assert pages["/limited/a"]["ok"] and site.hits["/limited/a"] == 2
+    assert time.monotonic() - started >= 1.0, "Retry-After: 1 was honoured"
+
+    assert not pages["/slow"]["ok"] and "timed out" in pages["/slow"]["error"].lower()
+    assert site.hits["/slow"] == 3, "timeouts are retried up to max_attempts"
+
+    assert not pages["/reset"]["ok"] and site.hits["/reset"] == 3
+
+    assert pages["/redirect/3"]["ok"]
+    assert pages["/redirect/3"]["final_url"] == site.url("/redirect/0")
+    assert pages["/redirect/3"]["data"] == {"title": "landed"}
+
+    assert not pages["/big"]["ok"] and site.hits["/big"] == 1
+    assert "exceeds" in pages["/big"]["error"].lower()
+
+    assert pages["/binary"]["ok"] and pages["/binary"]["content_type"] == "image/png"
+    assert pages["/binary"]["data"] == {}
+
+    assert pages["/legacy"]["data"] == {"title": "Привет, мир"}
+
+    counts = await task_counts(db, job_id)
+    assert counts == {"succeeded": 5, "failed": 4}
+    assert (row["succeeded"], row["failed"], row["total"]) == (5, 4, 9)
+
+
+async def test_two_executors_never_fetch_the_same_task(
+    db: ConnectionManager, site: LocalSite, worker_settings: Settings, executors: list
+) -> None:
+    site.delay = 0.01
+    urls = [site.url(f"/page/{n}") for n in range(400)]
+    job_id = await create_job(db, urls)
+    a = await start_executor(worker_settings, executors)
+    b = await start_executor(worker_settings, executors)
+    row = await wait_terminal(db, job_id)
+    assert row["status"] == "completed" and row["succeeded"] == 400
+    assert sum(site.hits.values()) == 400
+    assert max(site.hits.values()) == 1
+    assert a.stats.claimed > 0 and b.stats.claimed > 0, "both workers took part"
+    assert a.stats.claimed + b.stats.claimed == 400
+
+
+async def test_killed_executor_leases_are_finished_by_another(
+    db: ConnectionManager, site: LocalSite, worker_settings: Settings, executors: list
+) -> None:
+    site.delay = 30  # the first worker hangs on every page
+    urls = [site.url(f"/page/{n}") for n in range(20)]
+    job_id = await create_job(db, urls, options={"timeout_s": 60})
+    victim = await start_executor(worker_settings, executors)
+    for _ in range(100):
+        if victim.outstanding == 20:
+            break
+        await asyncio.sleep(0.05)
+    assert victim.outstanding == 20
+    executors.remove(victim)
+    await crash(victim)
+    assert (await task_counts(db, job_id)) == {"leased": 20}
+
+    site.delay = 0
+    survivor = await start_executor(worker_settings, executors)
+    row = await wait_terminal(db, job_id, timeout=30)
+    assert row["status"] == "completed" and row["succeeded"] == 20
+    pages = await pages_of(db, job_id)
+    assert len(pages) == 20 and len({p["task_id"] for p in pages}) == 20
+    assert survivor.stats.recovered >= 20 or survivor.stats.claimed == 20
+    assert (await task_counts(db, job_id)) == {"succeeded": 20}
+
+
+async def test_graceful_stop_returns_unfinished_leases(
+    db: ConnectionManager, site: LocalSite, worker_settings: Settings, executors: list
+) -> None:
+    site.delay = 30
+    urls = [site.url(f"/page/{n}") for n in range(10)]
+    job_id = await create_job(db, urls, options={"timeout_s": 60})
+    ex = await start_executor(worker_settings, executors)
+    for _ in range(100):
+        if ex.outstanding == 10:
+            break
+        await asyncio.sleep(0.05)
+    executors.remove(ex)
+    t0 = time.monotonic()
+    await ex.stop(grace=0.5)
+    assert time.monotonic() - t0 < 5
+    await ex.db.dispose()
+    assert await task_counts(db, job_id) == {"queued": 10}
+    row = await job_row(db, job_id)
+    assert (row["queued"], row["running"]) == (10, 0)
+    async with db.connect() as conn:
+        attempts = (await conn.execute(text("SELECT max(attempts) FROM tasks"))).scalar()
+        state = (
+            await conn.execute(text("SELECT state FROM workers WHERE id = :i"), {"i": ex.worker_id})
+        ).scalar()
+    assert attempts == 0, "a returned lease does not use up an attempt"
+    assert state == "stopped"
+
+
+async def test_pause_stops_claims_and_resume_restarts(
+    db: ConnectionManager, site: LocalSite, worker_settings: Settings, executors: list
+) -> None:
+    async with db.connect() as conn:
+        await conn.execute(text("UPDATE cluster_state SET paused = true"))
+    job_id = await create_job(db, [site.url(f"/page/{n}") for n in range(5)])
+    await start_executor(worker_settings, executors)
+    await asyncio.sleep(1.0)
+    assert await task_counts(db, job_id) == {"queued": 5}
+    async with db.connect() as conn:
+        await conn.execute(text("UPDATE cluster_state SET paused = false"))
+        await conn.execute(text("SELECT pg_notify('trawler_tasks', '')"))
+    row = await wait_terminal(db, job_id, timeout=10)
+    assert row["status"] == "completed"

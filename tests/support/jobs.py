@@ -1,0 +1,74 @@
+"""Create jobs straight in the database (for executor tests that bypass the API)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import orjson
+from sqlalchemy import text
+
+from app.database.connection import ConnectionManager
+from app.services import frontier
+
+
+async def create_job(
+    db: ConnectionManager,
+    urls: list[str],
+    *,
+    extract: dict[str, Any] | None = None,
+    max_attempts: int = 3,
+    tenant: str = "test",
+    options: dict[str, Any] | None = None,
+) -> uuid.UUID:
+    job_id = uuid.uuid4()
+    spec = {"urls": urls, "extract": extract or {}, "options": options or {"timeout_s": 5}}
+    async with db.connect() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO jobs (id, tenant, kind, spec, max_attempts) "
+                "VALUES (:id, :tenant, 'scrape', CAST(:spec AS jsonb), :ma)"
+            ),
+            {
+                "id": job_id,
+                "tenant": tenant,
+                "spec": orjson.dumps(spec).decode(),
+                "ma": max_attempts,
+            },
+        )
+        rows = frontier.prepare((u, 0) for u in urls)
+        await frontier.enqueue(conn, job_id, rows, priority=0, max_attempts=max_attempts)
+    return job_id
+
+
+async def job_row(db: ConnectionManager, job_id: uuid.UUID) -> dict[str, Any]:
+    async with db.connect() as conn:
+        row = (
+            (await conn.execute(text("SELECT * FROM jobs WHERE id = :id"), {"id": job_id}))
+            .mappings()
+            .one()
+        )
+        return dict(row)
+
+
+async def pages_of(db: ConnectionManager, job_id: uuid.UUID) -> list[dict[str, Any]]:
+    async with db.connect() as conn:
+        rows = (
+            (
+                await conn.execute(
+                    text("SELECT * FROM pages WHERE job_id = :id ORDER BY id"), {"id": job_id}
+                )
+            )
+            .mappings()
+            .all()
+        )
+        return [dict(r) for r in rows]
+
+
+async def task_counts(db: ConnectionManager, job_id: uuid.UUID) -> dict[str, int]:
+    async with db.connect() as conn:
+        rows = await conn.execute(
+            text("SELECT status, count(*) FROM tasks WHERE job_id = :id GROUP BY status"),
+            {"id": job_id},
+        )
+        return {r[0]: r[1] for r in rows}
