@@ -119,6 +119,8 @@ class Job(Base):
     running: Mapped[int] = mapped_column(Integer, server_default="0")
     succeeded: Mapped[int] = mapped_column(Integer, server_default="0")
     failed: Mapped[int] = mapped_column(Integer, server_default="0")
+    # tasks not fetched on purpose (robots.txt, scope decided at fetch time)
+    skipped: Mapped[int] = mapped_column(Integer, server_default="0")
     created_at: Mapped[datetime] = _now()
     updated_at: Mapped[datetime] = _now()
     started_at: Mapped[datetime | None]
@@ -132,7 +134,8 @@ class Job(Base):
         CheckConstraint("priority BETWEEN -100 AND 100", name="priority_range"),
         CheckConstraint("max_attempts BETWEEN 1 AND 20", name="max_attempts_range"),
         CheckConstraint(
-            "total >= 0 AND queued >= 0 AND running >= 0 AND succeeded >= 0 AND failed >= 0",
+            "total >= 0 AND queued >= 0 AND running >= 0 AND succeeded >= 0 AND failed >= 0"
+            " AND skipped >= 0",
             name="counters_nonneg",
         ),
         # keyset pagination of a tenant's jobs, newest first
@@ -266,6 +269,33 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = _now()
     last_used_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
+
+
+class Host(Base):
+    """Cluster-wide politeness and robots.txt cache for one host (host[:port]).
+
+    `leased` counts this host's tasks leased right now; the claim grants at most
+    `max_concurrency - leased` more and spaces fetch starts by `delay_ms` through
+    `next_fetch_at`, so the limits hold across every worker process.
+    """
+
+    __tablename__ = "hosts"
+
+    host: Mapped[str] = mapped_column(String(255), primary_key=True)
+    max_concurrency: Mapped[int] = mapped_column(SmallInteger, server_default="8")
+    delay_ms: Mapped[int] = mapped_column(Integer, server_default="0")
+    leased: Mapped[int] = mapped_column(Integer, server_default="0")
+    last_grant: Mapped[int] = mapped_column(Integer, server_default="0")
+    next_fetch_at: Mapped[datetime] = _now()
+    blocked_until: Mapped[datetime] = _now()
+    robots: Mapped[dict[str, Any] | None]
+    robots_expires_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = _now()
+
+    __table_args__ = (
+        CheckConstraint("leased >= 0", name="leased_nonneg"),
+        CheckConstraint("max_concurrency >= 1", name="concurrency_positive"),
+    )
 
 
 class ClusterState(Base):

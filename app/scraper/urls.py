@@ -72,4 +72,5 @@ def url_hash(canonical_url: str) -> bytes:
 
 
 def url_host(canonical_url: str) -> str:
-    return (urlsplit(canonical_url).hostname or "").lower()
+    """The politeness key: host[:port] of a canonical URL (default ports already dropped)."""
+    return urlsplit(canonical_url).netloc.lower()
