@@ -55,7 +55,8 @@ _LINK_SCHEMES: Final = ("http:", "https:")
 _URL_NOISE: Final = str.maketrans("", "", "\t\n\r")
 
 ValueKind = Literal["text", "html", "attr"]
-Engine = Literal["css", "xpath"]
+Engine = Literal["css", "xpath", "builtin"]
+Builtin = Literal["title", "description", "canonical", "links", "language"]
 
 
 class InvalidSpec(ValueError):
@@ -118,6 +119,8 @@ class FieldSpec(BaseModel):
 
     css: str | None = Field(default=None, min_length=1, max_length=MAX_SELECTOR_CHARS)
     xpath: str | None = Field(default=None, min_length=1, max_length=MAX_SELECTOR_CHARS)
+    # a built-in page property instead of a selector (see builtins())
+    builtin: Builtin | None = None
     value: str = "text"
     all: bool = False
 
@@ -135,8 +138,10 @@ class FieldSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check_selector(self) -> FieldSpec:
-        if (self.css is None) == (self.xpath is None):
-            raise ValueError("exactly one of 'css' or 'xpath' is required")
+        if sum(x is not None for x in (self.css, self.xpath, self.builtin)) != 1:
+            raise ValueError("exactly one of 'css', 'xpath' or 'builtin' is required")
+        if self.builtin is not None:
+            return self
         # Compiled here so an API schema using FieldSpec rejects bad selectors with a 422.
         if self.css is not None:
             _check_css(self.css)
@@ -147,11 +152,13 @@ class FieldSpec(BaseModel):
 
     @property
     def engine(self) -> Engine:
+        if self.builtin is not None:
+            return "builtin"
         return "css" if self.css is not None else "xpath"
 
     @property
     def selector(self) -> str:
-        selector = self.css if self.css is not None else self.xpath
+        selector = self.css or self.xpath or self.builtin
         assert selector is not None
         return selector
 
@@ -215,7 +222,11 @@ def compile_spec(spec: Mapping[str, FieldSpec | Mapping[str, Any]]) -> CompiledS
             except ValidationError as exc:
                 raise _spec_error(name, exc) from exc
         kind, attr = _split_value(field_spec.value)
-        if field_spec.css is not None:
+        if field_spec.builtin is not None:
+            fields.append(
+                CompiledField(name, "builtin", field_spec.builtin, kind, attr, field_spec.all)
+            )
+        elif field_spec.css is not None:
             _check_css(field_spec.css, name)
             fields.append(CompiledField(name, "css", field_spec.css, kind, attr, field_spec.all))
         else:
@@ -446,11 +457,16 @@ def extract(html: str | Document, base_url: str, compiled: CompiledSpec) -> dict
     """
     doc = html if isinstance(html, Document) else Document(html, base_url)
     out: dict[str, Any] = {}
+    page: dict[str, Any] | None = None
     for field in compiled.fields:
         if field.engine == "css":
             out[field.name] = _run_css(field, doc)
-        else:
+        elif field.engine == "xpath":
             out[field.name] = _run_xpath(field, doc)
+        else:
+            if page is None:
+                page = builtins(doc, base_url)
+            out[field.name] = page[field.selector]
     return out
 
 

@@ -12,7 +12,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.config import Settings
-from app.scraper.extract import CompiledSpec, FieldSpec, compile_spec, extract
+from app.scraper.extract import CompiledSpec, Document, compile_spec, extract
 from app.scraper.fetch import Fetcher, FetchResult
 from app.scraper.ssrf import SSRFGuard
 from app.services.queue import ClaimedTask, Outcome, PageRow
@@ -51,11 +51,7 @@ def context_from_spec(
     options = spec.get("options") or {}
     politeness = spec.get("politeness") or {}
     extract_spec = spec.get("extract") or {}
-    compiled = (
-        compile_spec({name: FieldSpec.model_validate(f) for name, f in extract_spec.items()})
-        if extract_spec
-        else None
-    )
+    compiled = compile_spec(extract_spec) if extract_spec else None
     return JobContext(
         job_id=job_id,
         kind=kind,
@@ -135,7 +131,8 @@ class ScrapeHandler:
         )
         data: dict[str, Any] = {}
         if result.ok and result.text is not None and result.is_html and ctx.compiled:
-            data = extract(result.text, result.final_url, ctx.compiled)
+            document = Document(result.text, result.final_url)
+            data = extract(document, result.final_url, ctx.compiled)
         page = page_from_fetch(task, result, data)
         if result.ok:
             return Outcome(task.id, task.job_id, "succeeded", page=page)

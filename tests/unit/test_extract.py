@@ -250,8 +250,8 @@ def test_fieldspec_rejects_bad_selector_at_validation() -> None:
         ({"css": "a", "value": "attr:  "}, "value must be 'text', 'html' or 'attr:<name>'"),
         ({"css": "a", "value": "txt"}, "value must be 'text', 'html' or 'attr:<name>'"),
         ({"css": "a", "value": "inner_html"}, "value must be"),
-        ({"css": "a", "xpath": "//a"}, "exactly one of 'css' or 'xpath'"),
-        ({}, "exactly one of 'css' or 'xpath'"),
+        ({"css": "a", "xpath": "//a"}, "exactly one of 'css', 'xpath' or 'builtin'"),
+        ({}, "exactly one of 'css', 'xpath' or 'builtin'"),
         ({"css": "a", "regex": ".*"}, "Extra inputs are not permitted"),
         ({"css": ""}, "at least 1 character"),
     ],
@@ -381,3 +381,18 @@ def test_extraction_is_fast() -> None:
     per_page = (time.perf_counter() - started) / rounds
     # Typically ~0.3-0.5 ms on a shared 2-core box; the bound leaves room for noisy CI.
     assert per_page < 0.005, f"{per_page * 1000:.2f} ms per page"
+
+
+def test_builtin_fields_share_the_parse_and_resolve_links() -> None:
+    compiled = compile_spec(
+        {"t": {"builtin": "title"}, "l": {"builtin": "links"}, "h": {"css": "h1"}}
+    )
+    html = (
+        "<html><head><title> The  title </title></head>"
+        "<body><h1>H</h1><a href='/a'>a</a><a href='mailto:x@y'>m</a></body></html>"
+    )
+    assert extract(html, "http://e.com/p", compiled) == {
+        "t": "The title",
+        "l": ["http://e.com/a"],
+        "h": "H",
+    }
