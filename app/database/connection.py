@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+import asyncpg
 from sqlalchemy import event, exc, text
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -24,6 +27,8 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
 from app.config import Settings
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -86,6 +91,37 @@ class DatabaseUnavailable(Exception):
     """The database did not answer in time or refused the connection."""
 
 
+# Errors that mean "the database is not reachable right now", not "the code is wrong".
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    DatabaseUnavailable,
+    exc.TimeoutError,  # pool checkout timed out
+    exc.OperationalError,
+    exc.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InterfaceError,
+    ConnectionError,
+    TimeoutError,
+    OSError,
+)
+
+
+def is_unavailable(error: BaseException) -> bool:
+    """True for outage-type failures (retry later), False for bugs and bad data."""
+    if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
+        return True
+    if isinstance(error, exc.DBAPIError) and not isinstance(
+        error, exc.OperationalError | exc.InterfaceError
+    ):
+        # a statement error (constraint, syntax): a bug or bad data, not an outage
+        # (the driver's own exception, e.g. CannotConnectNowError, is the adapted one's cause)
+        orig = error.orig
+        return isinstance(orig, UNAVAILABLE_ERRORS) or isinstance(
+            getattr(orig, "__cause__", None), UNAVAILABLE_ERRORS
+        )
+    return isinstance(error, UNAVAILABLE_ERRORS)
+
+
 class ConnectionManager:
     """One per process: owns the engine, the session factory and the pool metrics."""
 
@@ -102,9 +138,13 @@ class ConnectionManager:
             "server_settings": {"application_name": application_name},
         }
         if settings.pgbouncer:
-            # transaction-mode poolers break server-side prepared statements
+            # Transaction-mode poolers hand each transaction to any server connection:
+            # no statement caches, and the statements SQLAlchemy still prepares get unique
+            # names so two clients never collide on "__asyncpg_stmt_1__" (SQLAlchemy's
+            # documented PgBouncer set-up; PgBouncer should DISCARD ALL on release).
             connect_args["statement_cache_size"] = 0
             connect_args["prepared_statement_cache_size"] = 0
+            connect_args["prepared_statement_name_func"] = _unique_statement_name
         self.engine: AsyncEngine = create_async_engine(
             self.url,
             poolclass=MonitoredPool,
@@ -120,6 +160,7 @@ class ConnectionManager:
         pool.metrics = self.metrics
         self._install_pool_events()
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
+        self._inflight: dict[str, asyncio.Task[Any]] = {}
 
     def _install_pool_events(self) -> None:
         metrics = self.metrics
@@ -164,20 +205,69 @@ class ConnectionManager:
             "wait_ms": m.wait_percentiles_ms(),
         }
 
+    async def bounded(
+        self,
+        key: str,
+        work: Callable[[AsyncConnection], Awaitable[T]],
+        *,
+        limit: float,
+    ) -> T:
+        """Run `work` on a pooled connection; answer within `limit` seconds, whatever happens.
+
+        asyncio.timeout alone is not enough: when a query is cancelled on a connection that
+        stopped answering, SQLAlchemy first tries a graceful close (up to 2 s, shielded)
+        before the cancellation reaches the caller. So the work runs in its own task;
+        on timeout the caller gets DatabaseUnavailable at once and the task is torn down in
+        the background. Callers with the same `key` share one in-flight task (so one key must
+        always name the same work), and a storm of probes during an outage holds at most
+        one connection per key.
+        Raises DatabaseUnavailable for outage-type errors; other errors propagate.
+        """
+        task = self._inflight.get(key)
+        if task is None or task.done():
+            task = asyncio.create_task(self._on_connection(work), name=f"trawler-db-{key}")
+            self._inflight[key] = task
+            task.add_done_callback(functools.partial(self._inflight_done, key))
+        # asyncio.wait never cancels the shared task when this caller is cancelled
+        done, _ = await asyncio.wait({task}, timeout=limit)
+        if not done or task.cancelled():
+            task.cancel()
+            raise DatabaseUnavailable(f"database did not answer within {limit:g}s")
+        result: T = task.result()
+        return result
+
+    async def _on_connection(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        try:
+            async with self.engine.connect() as conn:
+                return await work(conn)
+        except Exception as error:
+            if is_unavailable(error):
+                raise DatabaseUnavailable(f"database unreachable: {_short(error)}") from error
+            raise
+
+    def _inflight_done(self, key: str, task: asyncio.Task[Any]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled() and task.exception() is not None:
+            # retrieved here so a probe nobody waited for does not warn at shutdown
+            logger.debug("db task %s failed: %s", key, task.exception())
+
     async def health_check(self, *, limit: float | None = None) -> dict[str, Any]:
         """SELECT 1 under a hard timeout. Raises DatabaseUnavailable; never hangs."""
-        limit = limit if limit is not None else self.settings.health_timeout
         started = time.perf_counter()
+        limit = limit if limit is not None else self.settings.health_timeout
+
+        async def _version(conn: AsyncConnection) -> str:
+            return str((await conn.execute(text("SHOW server_version"))).scalar_one())
+
         try:
-            async with asyncio.timeout(limit), self.engine.connect() as conn:
-                version = (await conn.execute(text("SHOW server_version"))).scalar_one()
-        except TimeoutError as error:
-            raise DatabaseUnavailable(f"database did not answer within {limit:g}s") from error
-        except (OSError, exc.DBAPIError, exc.TimeoutError) as error:
-            raise DatabaseUnavailable(f"database unreachable: {_short(error)}") from error
+            version = await self.bounded("health", _version, limit=limit)
+        except exc.DBAPIError as error:
+            # reachable but refusing us (unknown database, role, password): not healthy either
+            raise DatabaseUnavailable(f"database unusable: {_short(error)}") from error
         return {
             "latency_ms": round((time.perf_counter() - started) * 1000, 2),
-            "server_version": str(version),
+            "server_version": version,
         }
 
     @asynccontextmanager
@@ -188,7 +278,12 @@ class ConnectionManager:
                 yield session
                 await session.commit()
             except BaseException:
-                await session.rollback()
+                try:
+                    await session.rollback()
+                except Exception:
+                    # the connection is usually gone too (outage): the first error is the
+                    # one the caller must see, so log this one and re-raise that
+                    logger.warning("rollback after a failed unit of work failed", exc_info=True)
                 raise
 
     @asynccontextmanager
@@ -198,10 +293,21 @@ class ConnectionManager:
             yield conn
 
     async def dispose(self) -> None:
+        pending = list(self._inflight.values())
+        for task in pending:
+            task.cancel()
+        # let cancelled probes finish tearing their connections down before the pool goes
+        await asyncio.gather(*pending, return_exceptions=True)
         await self.engine.dispose()
 
 
+def _unique_statement_name() -> str:
+    return f"__asyncpg_{uuid.uuid4().hex}__"
+
+
 def _short(error: BaseException) -> str:
+    if isinstance(error, exc.DBAPIError) and error.orig is not None:
+        error = error.orig  # drop SQLAlchemy's "(dialect.Error)" prefix and SQL echo
     message = str(error).strip().splitlines()
     text_ = message[0] if message else type(error).__name__
     return text_[:200]

@@ -1,0 +1,270 @@
+"""Health and ordinary requests while the database connection is cut, then restored.
+
+A TCP proxy inside the test stands between the app and the test PostgreSQL. Cuts:
+- refuse: every proxied connection is dropped and nothing listens any more (server gone);
+- blackhole: every proxied connection is dropped; new ones are accepted and never get a
+  byte back (a dead host, a firewall that drops packets);
+- freeze: open connections stay open but stop carrying data, new ones are black-holed
+  (a network partition): the nastiest, as nothing ever fails on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Literal
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from app.api.deps import SessionDep
+from app.config import Settings
+from app.main import create_app
+from tests.conftest import make_settings
+
+Cut = Literal["refuse", "blackhole", "freeze"]
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+pytestmark = pytest.mark.slow
+
+# The issue's bound for every health answer while the database is unreachable.
+HEALTH_BOUND_S = 2.0
+RECOVERY_BOUND_S = 15.0
+
+
+class Proxy:
+    """Forwards 127.0.0.1:<port> to the database server; can be cut and restored."""
+
+    def __init__(self, open_upstream: Callable[[], Awaitable[Streams]]) -> None:
+        self._open_upstream = open_upstream
+        self.mode: Cut | Literal["up"] = "up"
+        self.port = 0
+        self.accepted = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def cut(self, mode: Cut) -> None:
+        self.mode = mode
+        if mode == "freeze":
+            return  # the pipes stop forwarding; nothing is closed
+        self._drop_all()
+        if mode == "refuse" and self._server is not None:
+            # nothing listens on the port any more: connects get RST (ECONNREFUSED)
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def restore(self) -> None:
+        self.mode = "up"
+        self._drop_all()  # the black-holed connections, so clients see them fail
+        if self._server is None:
+            await self.start()  # same port: the app's URL does not change
+
+    async def close(self) -> None:
+        self._drop_all()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    def _drop_all(self) -> None:
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                if self.mode == "up":
+                    sink.write(data)
+                    await sink.drain()
+        except OSError:
+            pass  # a reset on either side ends this direction; the other one follows
+        finally:
+            sink.transport.abort()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        self._writers.add(writer)
+        upstream: asyncio.StreamWriter | None = None
+        try:
+            if self.mode != "up":
+                # accept and swallow: the client waits for an answer that never comes
+                while await reader.read(65536):
+                    pass
+                return
+            up_reader, upstream = await self._open_upstream()
+            self._writers.add(upstream)
+            await asyncio.gather(self._pipe(reader, upstream), self._pipe(up_reader, writer))
+        except OSError:
+            return  # the upstream refused or a side reset: the client sees its socket close
+        finally:
+            for w in (writer, upstream):
+                if w is not None:
+                    self._writers.discard(w)
+                    w.transport.abort()
+
+
+def _upstream_opener(server_url: str) -> Callable[[], Awaitable[Streams]]:
+    url = make_url(server_url)
+    socket_dir = url.query.get("host")
+    if isinstance(socket_dir, str) and socket_dir.startswith("/"):
+        path = f"{socket_dir}/.s.PGSQL.{url.port or 5432}"  # embedded test server
+
+        async def _unix() -> Streams:
+            return await asyncio.open_unix_connection(path)
+
+        return _unix
+    host, port = url.host or "127.0.0.1", url.port or 5432
+
+    async def _tcp() -> Streams:
+        return await asyncio.open_connection(host, port)
+
+    return _tcp
+
+
+async def _db_roundtrip(session: SessionDep) -> dict[str, int]:
+    """An ordinary DB-backed route: one session per request, like every API route."""
+    value = (await session.execute(text("SELECT 1"))).scalar_one()
+    return {"value": int(value)}
+
+
+@pytest.fixture
+async def proxy(pg_server: str) -> AsyncIterator[Proxy]:
+    p = Proxy(_upstream_opener(pg_server))
+    await p.start()
+    yield p
+    await p.close()
+
+
+@pytest.fixture
+def proxied_settings(db_url: str, proxy: Proxy) -> Settings:
+    url = (
+        make_url(db_url)
+        .set(host="127.0.0.1", port=proxy.port)
+        .difference_update_query(["host"])
+        .render_as_string(hide_password=False)
+    )
+    return make_settings(
+        url,
+        pool_size=2,
+        max_overflow=1,
+        pool_timeout=1.0,
+        db_command_timeout=3.0,
+        # production defaults: the health probe's own limit must be what bounds it
+        db_connect_timeout=Settings.model_fields["db_connect_timeout"].default,
+        health_timeout=Settings.model_fields["health_timeout"].default,
+    )
+
+
+@pytest.fixture
+async def outage_client(proxied_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    application: FastAPI = create_app(proxied_settings, migrate=False)
+    application.add_api_route("/_test/db", _db_roundtrip, methods=["GET"])
+    async with application.router.lifespan_context(application):
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://trawler.test") as c:
+            yield c
+
+
+async def _timed_get(client: httpx.AsyncClient, path: str) -> tuple[httpx.Response, float]:
+    started = time.perf_counter()
+    response = await client.get(path)
+    return response, time.perf_counter() - started
+
+
+async def _wait_ready(client: httpx.AsyncClient, bound_s: float) -> float:
+    started = time.perf_counter()
+    while True:
+        response = await client.get("/health/ready")
+        elapsed = time.perf_counter() - started
+        if response.status_code == 200:
+            return elapsed
+        assert elapsed < bound_s, f"not ready {elapsed:.1f}s after restore: {response.text}"
+        await asyncio.sleep(0.25)
+
+
+@pytest.mark.parametrize("cut", ["refuse", "blackhole", "freeze"])
+async def test_health_is_bounded_during_outage_and_recovers(
+    outage_client: httpx.AsyncClient,
+    proxy: Proxy,
+    proxied_settings: Settings,
+    cut: Cut,
+) -> None:
+    client = outage_client
+    settings = proxied_settings
+
+    # --- database reachable through the proxy
+    ready = await client.get("/health/ready")
+    assert ready.status_code == 200, ready.text
+    details = await client.get("/health")
+    assert details.status_code == 200, details.text
+    body = details.json()
+    assert body["status"] == "ok"
+    assert body["database"]["ok"] is True
+    pool = body["pool"]
+    assert pool["size"] == settings.pool_size
+    assert pool["max_overflow"] == settings.max_overflow
+    assert pool["checkouts"] >= 1 and pool["connects"] >= 1
+    assert set(pool["wait_ms"]) == {"p50", "p99", "max"}
+    again_pool = (await client.get("/health")).json()["pool"]
+    assert again_pool["checkouts"] > pool["checkouts"]  # the counters move
+    ok = await client.get("/_test/db")
+    assert ok.status_code == 200 and ok.json() == {"value": 1}
+    accepted_before = proxy.accepted
+
+    await proxy.cut(cut)
+    timings: dict[str, list[float]] = {}
+
+    # --- an ordinary DB-backed request: 503 + Retry-After, bounded by the DB timeouts.
+    # Refused: at once. Black hole: the connect timeout. Frozen: the pooled connection's
+    # pre-ping waits for the command timeout, then a reconnect meets the black hole.
+    bound = {
+        "refuse": settings.pool_timeout,
+        "blackhole": settings.db_connect_timeout + settings.pool_timeout,
+        "freeze": settings.db_command_timeout + settings.db_connect_timeout + 2.0,
+    }[cut] + 0.5
+    response, elapsed = await _timed_get(client, "/_test/db")
+    timings["/_test/db"] = [elapsed]
+    assert response.status_code == 503, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert int(response.headers["Retry-After"]) >= 1
+    assert elapsed < bound, f"DB-backed request took {elapsed:.2f}s during the outage"
+
+    # --- the probes: each answers within the bound, again and again
+    for _ in range(2):
+        for path, expected in (("/health/live", 200), ("/health/ready", 503), ("/health", 503)):
+            response, elapsed = await _timed_get(client, path)
+            timings.setdefault(path, []).append(elapsed)
+            assert response.status_code == expected, (path, response.text)
+            assert elapsed < HEALTH_BOUND_S, f"{path} took {elapsed:.2f}s during the outage"
+            if path == "/health/ready":
+                assert response.headers["Retry-After"]
+                assert response.json()["reason"]
+            if path == "/health":
+                down = response.json()
+                assert down["status"] == "down"
+                assert down["database"]["ok"] is False
+                assert "checkouts" in down["pool"]
+    if cut != "refuse":
+        assert proxy.accepted > accepted_before  # the app really was talking to the hole
+
+    # --- restore the path: readiness comes back by itself, same app, same pool
+    await proxy.restore()
+    recovered_in = await _wait_ready(client, RECOVERY_BOUND_S)
+    again = await client.get("/_test/db")
+    assert again.status_code == 200, again.text
+    after = (await client.get("/health")).json()
+    assert after["status"] == "ok"
+    assert after["pool"]["invalidations"] >= 1  # the dropped connections were noticed
+
+    summary = ", ".join(f"{p} max {max(t) * 1000:.0f} ms" for p, t in timings.items())
+    print(f"\n[{cut}] {summary}; ready again {recovered_in * 1000:.0f} ms after restore")
