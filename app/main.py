@@ -5,15 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI
 
 from app import __version__
 from app.api.errors import install_error_handlers
-from app.api.routes import health
+from app.api.resources import run_cleanups
+from app.api.routes import health, jobs, scraper
 from app.config import Settings, get_settings
-from app.database.connection import ConnectionManager, DatabaseUnavailable
+from app.database.connection import ConnectionManager, is_unavailable
 from app.database.embedded import EmbeddedPostgres
 from app.database.migrations import upgrade_to_head
 
@@ -35,17 +36,21 @@ async def resolve_database_url(settings: Settings) -> tuple[Settings, EmbeddedPo
     )
 
 
-async def migrate_with_retry(db: ConnectionManager, attempts: int = 10) -> None:
-    """Migrations run on start; a database still booting gets a few seconds to come up."""
+async def migrate_with_retry(db: ConnectionManager, attempts: int = 10) -> str | None:
+    """Migrations run on start; a database still booting gets a few seconds to come up.
+
+    Returns the revision now current. Only outage-type errors are retried; a broken
+    migration or a wrong password fails at once.
+    """
     for attempt in range(1, attempts + 1):
         try:
-            await upgrade_to_head(db.engine)
-            return
-        except (OSError, TimeoutError, DatabaseUnavailable) as error:
-            if attempt == attempts:
+            return await upgrade_to_head(db.engine)
+        except Exception as error:
+            if attempt == attempts or not is_unavailable(error):
                 raise
             logger.warning("database not reachable yet (%s); retrying", error)
             await asyncio.sleep(min(0.5 * attempt, 3.0))
+    raise AssertionError("unreachable")
 
 
 def create_app(
@@ -53,28 +58,36 @@ def create_app(
     *,
     migrate: bool = True,
     hooks: list[LifespanHook] | None = None,
+    db: ConnectionManager | None = None,
 ) -> FastAPI:
-    base_settings = settings or get_settings()
+    """Build the app. With `db` given (the CLI's `serve`), the lifespan uses that manager and
+    leaves starting/stopping the database and disposing the engine to its owner."""
+    base_settings = db.settings if db is not None else (settings or get_settings())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        resolved, embedded = await resolve_database_url(base_settings)
-        db = ConnectionManager(resolved, application_name="trawler-api")
-        app.state.settings = resolved
-        app.state.db = db
-        stoppers: list[Callable[[], Awaitable[None]]] = []
-        try:
+        # the exit stack unwinds in reverse and runs every step even when one fails
+        async with AsyncExitStack() as stack:
+            if db is None:
+                resolved, embedded = await resolve_database_url(base_settings)
+                if embedded is not None:
+                    stack.push_async_callback(asyncio.to_thread, embedded.stop)
+                manager = ConnectionManager(resolved, application_name="trawler-api")
+                stack.push_async_callback(manager.dispose)
+            else:
+                manager = db
+            app.state.settings = manager.settings
+            app.state.db = manager
             if migrate:
-                await migrate_with_retry(db)
+                await migrate_with_retry(manager)
+            # resources created on first use (app.api.resources: fetcher, LISTEN
+            # connection) register their close in app.state.cleanups; they run first at
+            # shutdown, before the hooks' stoppers
+            app.state.cleanups = []
             for hook in hooks or []:
-                stoppers.append(await hook(app))
+                stack.push_async_callback(await hook(app))
+            stack.push_async_callback(run_cleanups, app)
             yield
-        finally:
-            for stop in reversed(stoppers):
-                await stop()
-            await db.dispose()
-            if embedded is not None:
-                await asyncio.to_thread(embedded.stop)
 
     app = FastAPI(
         title="Trawler",
@@ -84,4 +97,6 @@ def create_app(
     )
     install_error_handlers(app)
     app.include_router(health.router)
+    app.include_router(scraper.router)
+    app.include_router(jobs.router)
     return app

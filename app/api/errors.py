@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.database.connection import DatabaseUnavailable
+from app.database.connection import UNAVAILABLE_ERRORS, is_unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -97,30 +96,9 @@ def problem(
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
 
 
-# Errors that mean "the database is not reachable right now", not "the code is wrong".
-_UNAVAILABLE = (
-    DatabaseUnavailable,
-    sa_exc.TimeoutError,  # pool checkout timed out
-    sa_exc.OperationalError,
-    sa_exc.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.InterfaceError,
-    ConnectionError,
-    TimeoutError,
-    OSError,
-)
-
-
-def _is_unavailable(error: BaseException) -> bool:
-    if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
-        return True
-    if isinstance(error, sa_exc.DBAPIError) and not isinstance(
-        error, sa_exc.OperationalError | sa_exc.InterfaceError
-    ):
-        # a statement error (constraint, syntax): a bug or bad data, not an outage
-        return isinstance(error.orig, _UNAVAILABLE)
-    return isinstance(error, _UNAVAILABLE)
+# kept under their old names for callers of this module
+_UNAVAILABLE = UNAVAILABLE_ERRORS
+_is_unavailable = is_unavailable
 
 
 def unavailable_detail(error: BaseException) -> tuple[str, int]:

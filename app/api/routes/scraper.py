@@ -1,0 +1,60 @@
+"""Scraper routes: submit a scrape job, preview one URL inline."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Response, status
+
+from app.api.deps import PrincipalDep, SessionDep
+from app.api.resources import FetcherDep, GuardDep
+from app.api.routes.common import API_PREFIX, check_idempotency_key, job_location
+from app.api.schemas import JobPublic, PreviewCreate, PreviewPublic, ScrapeCreate
+from app.services import jobs, preview
+
+router = APIRouter(prefix=API_PREFIX, tags=["scraper"])
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        description="Retry-safe submission: the same key and body return the same job "
+        "(200, Idempotent-Replayed: true); the same key with another body is a 409",
+    ),
+]
+
+
+@router.post(
+    "/scrape",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobPublic,
+    responses={200: {"model": JobPublic, "description": "Idempotent replay: the same job"}},
+)
+async def submit_scrape(
+    body: ScrapeCreate,
+    response: Response,
+    session: SessionDep,
+    principal: PrincipalDep,
+    guard: GuardDep,
+    idempotency_key: IdempotencyKey = None,
+) -> JobPublic:
+    """Accept up to 10,000 URLs; 202 once the job and its tasks are committed."""
+    job, created = await jobs.submit_job(
+        session,
+        principal.tenant,
+        body,
+        guard=guard,
+        idempotency_key=check_idempotency_key(idempotency_key),
+    )
+    response.headers["Location"] = job_location(job.id)
+    if not created:
+        response.status_code = status.HTTP_200_OK
+        response.headers["Idempotent-Replayed"] = "true"
+    return job
+
+
+@router.post("/scrape/preview", response_model=PreviewPublic)
+async def scrape_preview(
+    body: PreviewCreate, _principal: PrincipalDep, fetcher: FetcherDep, guard: GuardDep
+) -> PreviewPublic:
+    """Fetch and extract one URL now, within options.timeout_s; nothing is stored."""
+    return await preview.preview(fetcher, guard, body)
