@@ -11,6 +11,7 @@ and exit status 1; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import signal
 import threading
@@ -168,11 +169,12 @@ def _short(error: BaseException) -> str:
 def worker_hooks(settings: Settings) -> list[LifespanHook]:
     """Lifespan hooks that run the executor inside `trawler serve` (skipped by --no-worker).
 
-    The executor plugs in here: return [hook] where hook(app) starts it and returns the
-    coroutine function that stops it.
+    Each hook starts an AsyncJobExecutor after the database is ready and returns the
+    coroutine function that drains it on shutdown.
     """
-    del settings
-    return []
+    from app.utils.runner import executor_hook
+
+    return [executor_hook(settings)]
 
 
 class _ServeSignals:
@@ -222,6 +224,7 @@ async def serve_app(settings: Settings, *, run_worker: bool = True) -> None:
             embedded,
         ):
             await migrate_with_retry(db, attempts=3)
+            await _announce_admin_key(db)
             hooks = worker_hooks(db.settings) if run_worker else []
             application = create_app(migrate=False, hooks=hooks, db=db)
             application.state.run_worker = run_worker
@@ -246,6 +249,19 @@ async def serve_app(settings: Settings, *, run_worker: bool = True) -> None:
             await server.serve()
             if not server.started:
                 raise CliError(f"the server did not start on {db.settings.host}:{db.settings.port}")
+
+
+async def _announce_admin_key(db: ConnectionManager) -> None:
+    from app.commands import ADMIN_KEY_FILE, ensure_admin_key
+
+    key = await ensure_admin_key(db, db.settings.data_dir)
+    if key is not None:
+        path = db.settings.data_dir / ADMIN_KEY_FILE
+        err.print(
+            f"[bold]First start: created an admin API key[/] (saved to {path}, mode 0600;"
+            " shown once):"
+        )
+        err.print(key, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -294,6 +310,8 @@ def version() -> None:
 
 
 def main() -> None:
+    # the other commands live in app.commands, which imports this module
+    importlib.import_module("app.commands")
     app()
 
 
