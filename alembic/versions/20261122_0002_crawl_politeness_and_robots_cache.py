@@ -38,6 +38,7 @@ def upgrade() -> None:
             nullable=False,
         ),
         sa.Column("robots", postgresql.JSONB(astext_type=sa.Text()), nullable=True),
+        sa.Column("robots_delay_ms", sa.Integer(), server_default="0", nullable=False),
         sa.Column("robots_expires_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column(
             "updated_at",

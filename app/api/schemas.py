@@ -11,7 +11,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from app.database.models import JobKind, JobStatus
 from app.scraper.extract import ExtractSpec
-from app.scraper.urls import canonicalize_url
+from app.scraper.urls import QueryPolicy, canonicalize_url
 
 MAX_URLS = 10_000
 MAX_URL_CHARS = 2048
@@ -144,11 +144,21 @@ class ScrapeCreate(JobSpecBase):
 
 class FollowRules(_Strict):
     same_site: bool = True
+    allow_subdomains: bool = False
     include: list[Regex] = Field(default_factory=list, max_length=100)
     exclude: list[Regex] = Field(default_factory=list, max_length=100)
     max_depth: int = Field(default=3, ge=0, le=100)
     max_pages: int = Field(default=1000, ge=1, le=1_000_000)
     sitemaps: bool = False
+    follow_nofollow: bool = False
+    # False | True (drop the query) | "sort" | "tracking" | ["utm_*", "sessionid", ...]
+    ignore_query: bool | Literal["sort", "tracking"] | list[str] = False
+
+    @field_validator("ignore_query")
+    @classmethod
+    def _check_ignore_query(cls, value: Any) -> Any:
+        QueryPolicy.parse(value)  # raises ValueError with a clear message
+        return value
 
 
 class Politeness(_Strict):

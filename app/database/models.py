@@ -289,6 +289,8 @@ class Host(Base):
     next_fetch_at: Mapped[datetime] = _now()
     blocked_until: Mapped[datetime] = _now()
     robots: Mapped[dict[str, Any] | None]
+    # Crawl-delay from robots.txt; the spacing used is the larger of this and delay_ms
+    robots_delay_ms: Mapped[int] = mapped_column(Integer, server_default="0")
     robots_expires_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = _now()
 

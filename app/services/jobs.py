@@ -120,6 +120,17 @@ WITH job AS (
     SELECT job.id, u.url, u.url_hash, u.host, 0, :priority, :max_attempts
     FROM job CROSS JOIN unnest(CAST(:urls AS text[]), CAST(:hashes AS bytea[]),
                                CAST(:hosts AS text[])) AS u(url, url_hash, host)
+), host_rows AS (
+    -- every task's host has a politeness row (the claim counts leases there); a crawl's
+    -- own politeness settings become its seed hosts' limits
+    INSERT INTO hosts (host, max_concurrency, delay_ms)
+    SELECT DISTINCT u.host, coalesce(CAST(:host_limit AS int), CAST(:default_host_limit AS int)),
+           coalesce(CAST(:host_delay_ms AS int), 0)
+    FROM job CROSS JOIN unnest(CAST(:hosts AS text[])) AS u(host)
+    ON CONFLICT (host) DO UPDATE SET
+        max_concurrency = EXCLUDED.max_concurrency, delay_ms = EXCLUDED.delay_ms,
+        updated_at = now()
+    WHERE CAST(:host_limit AS int) IS NOT NULL
 )
 SELECT job.*, pg_notify('{NOTIFY_TASKS}', '') AS notified FROM job
 """
@@ -150,6 +161,15 @@ def _prepare_urls(
     return rows
 
 
+def _host_politeness(request: JobSpecBase, default_limit: int) -> dict[str, int | None]:
+    politeness = getattr(request, "politeness", None)
+    return {
+        "default_host_limit": default_limit,
+        "host_limit": politeness.per_host_concurrency if politeness is not None else None,
+        "host_delay_ms": politeness.delay_ms if politeness is not None else None,
+    }
+
+
 async def submit_job(
     session: AsyncSession,
     tenant: str,
@@ -157,6 +177,7 @@ async def submit_job(
     *,
     guard: SSRFGuard | None = None,
     idempotency_key: str | None = None,
+    default_host_limit: int = 8,
 ) -> tuple[JobPublic, bool]:
     """Insert the job and its tasks; returns (job, created).
 
@@ -178,6 +199,7 @@ async def submit_job(
         "urls": [r[0] for r in rows],
         "hashes": [r[1] for r in rows],
         "hosts": [r[2] for r in rows],
+        **_host_politeness(request, default_host_limit),
     }
     # A taken key normally means one loop: insert nothing, read the winner. A winner
     # deleted between the two statements frees the key, so the insert is tried again.

@@ -6,10 +6,18 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Response, status
 
-from app.api.deps import PrincipalDep, SessionDep
+from app.api.deps import PrincipalDep, SessionDep, SettingsDep
 from app.api.resources import FetcherDep, GuardDep
 from app.api.routes.common import API_PREFIX, check_idempotency_key, job_location
-from app.api.schemas import JobPublic, PreviewCreate, PreviewPublic, ScrapeCreate
+from app.api.schemas import (
+    CrawlCreate,
+    JobPublic,
+    JobSpecBase,
+    PreviewCreate,
+    PreviewPublic,
+    ScrapeCreate,
+)
+from app.scraper.ssrf import SSRFGuard
 from app.services import jobs, preview
 
 router = APIRouter(prefix=API_PREFIX, tags=["scraper"])
@@ -35,15 +43,64 @@ async def submit_scrape(
     session: SessionDep,
     principal: PrincipalDep,
     guard: GuardDep,
+    settings: SettingsDep,
     idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
     """Accept up to 10,000 URLs; 202 once the job and its tasks are committed."""
-    job, created = await jobs.submit_job(
+    return await _submit(
+        body,
+        response,
         session,
         principal.tenant,
+        guard,
+        settings.per_host_concurrency,
+        idempotency_key,
+    )
+
+
+@router.post(
+    "/crawl",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobPublic,
+    responses={200: {"model": JobPublic, "description": "Idempotent replay: the same job"}},
+)
+async def submit_crawl(
+    body: CrawlCreate,
+    response: Response,
+    session: SessionDep,
+    principal: PrincipalDep,
+    guard: GuardDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKey = None,
+) -> JobPublic:
+    """Start a crawl from its seeds; 202 once the job and its seed tasks are committed."""
+    return await _submit(
+        body,
+        response,
+        session,
+        principal.tenant,
+        guard,
+        settings.per_host_concurrency,
+        idempotency_key,
+    )
+
+
+async def _submit(
+    body: JobSpecBase,
+    response: Response,
+    session: SessionDep,
+    tenant: str,
+    guard: SSRFGuard,
+    default_host_limit: int,
+    idempotency_key: str | None,
+) -> JobPublic:
+    job, created = await jobs.submit_job(
+        session,
+        tenant,
         body,
         guard=guard,
         idempotency_key=check_idempotency_key(idempotency_key),
+        default_host_limit=default_host_limit,
     )
     response.headers["Location"] = job_location(job.id)
     if not created:
