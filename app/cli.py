@@ -256,12 +256,12 @@ async def _announce_admin_key(db: ConnectionManager) -> None:
 
     key = await ensure_admin_key(db, db.settings.data_dir)
     if key is not None:
-        path = db.settings.data_dir / ADMIN_KEY_FILE
-        err.print(
-            f"[bold]First start: created an admin API key[/] (saved to {path}, mode 0600;"
-            " shown once):"
+        # through logging, so TRAWLER_LOG_FORMAT=json keeps every console line JSON
+        logger.warning(
+            "first start: created an admin API key (shown once; saved to %s, mode 0600): %s",
+            db.settings.data_dir / ADMIN_KEY_FILE,
+            key,
         )
-        err.print(key, highlight=False, soft_wrap=True)
 
 
 @app.command()
