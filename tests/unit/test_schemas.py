@@ -182,8 +182,12 @@ def test_crawl_defaults_match_the_contract() -> None:
     crawl = CrawlCreate.model_validate({"seeds": ["https://shop.example/"]})
     assert crawl.kind == JobKind.crawl
     assert crawl.start_urls() == ["https://shop.example/"]
+    # the contract's fields with its defaults, plus the options Trawler adds
     assert crawl.follow.model_dump() == {
         "same_site": True,
+        "allow_subdomains": False,
+        "follow_nofollow": False,
+        "ignore_query": False,
         "include": [],
         "exclude": [],
         "max_depth": 3,
