@@ -3,10 +3,18 @@
 Lock order everywhere: task rows first, then job rows in id order. The claim, the
 completion, cancellation and lease recovery all follow it, so they cannot deadlock on
 each other.
+
+`claim` and `complete` run through SQLAlchemy on any AsyncConnection, or, given the
+asyncpg `driver` connection underneath it, send the very same SQL text straight to the
+driver (positional parameters, asyncpg's prepared-statement cache, no SQLAlchemy
+statement and result overhead) inside a transaction the caller opened on the driver.
+The executor takes the driver path: its per-batch cost bounds a worker's throughput on
+short tasks.
 """
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +28,17 @@ from app.database.models import JobStatus
 from app.services.state import finish_if_done, transition
 
 NOTIFY_TASKS = "trawler_tasks"
+
+# `:name` parameters (not `::type` casts) of the statements below
+_NAMED_PARAM = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
+
+
+def _positional(sql: str, names: Sequence[str]) -> str:
+    """The statement with asyncpg's `$n` placeholders, numbered in the order of `names`."""
+    found = set(_NAMED_PARAM.findall(sql))
+    if found != set(names):
+        raise ValueError(f"parameters {sorted(found)} do not match {sorted(names)}")
+    return _NAMED_PARAM.sub(lambda m: f"${names.index(m.group(1)) + 1}", sql)
 
 
 @dataclass(slots=True)
@@ -96,12 +115,27 @@ SELECT id, job_id, url, depth, attempts, max_attempts, host FROM claimed
 )
 
 
+_CLAIM_RAW = _positional(_CLAIM_SQL.text, ("n", "worker", "lease"))
+
+
 async def claim(
-    conn: AsyncConnection, worker_id: uuid.UUID, limit: int, lease_s: float
+    conn: AsyncConnection,
+    worker_id: uuid.UUID,
+    limit: int,
+    lease_s: float,
+    *,
+    driver: Any = None,
 ) -> list[ClaimedTask]:
-    rows = (
-        await conn.execute(_CLAIM_SQL, {"n": limit, "worker": worker_id, "lease": lease_s})
-    ).all()
+    """Lease up to `limit` due tasks to this worker.
+
+    With `driver` (the asyncpg connection under `conn`, inside a transaction the caller
+    opened on it) the statement goes straight to the driver: the executor's fast path.
+    """
+    if driver is not None:
+        rows = await driver.fetch(_CLAIM_RAW, limit, worker_id, float(lease_s))
+    else:
+        params = {"n": limit, "worker": worker_id, "lease": lease_s}
+        rows = (await conn.execute(_CLAIM_SQL, params)).all()
     return [ClaimedTask(*row) for row in rows]
 
 
@@ -142,6 +176,7 @@ WITH v AS (
                       succeeded = j.succeeded + p.s, failed = j.failed + p.f,
                       updated_at = now()
     FROM per_job p, locked l WHERE j.id = p.job_id AND l.id = j.id
+    RETURNING j.id, j.queued, j.running
 ), stored AS (
     INSERT INTO pages (job_id, task_id, url, final_url, status_code, ok, depth,
                        content_type, elapsed_ms, data, error)
@@ -156,28 +191,29 @@ WITH v AS (
     JOIN upd ON upd.id = p.task_id AND upd.state <> 'retry'
     ON CONFLICT (task_id) DO NOTHING
 )
-SELECT DISTINCT job_id FROM upd
+SELECT id, queued = 0 AND running = 0 AS drained FROM counted
 """
 )
+_COMPLETE_NAMES = (
+    "ids", "states", "delays", "errors", "worker",
+    "p_task", "p_url", "p_final", "p_code", "p_ok", "p_depth", "p_ctype", "p_ms", "p_data",
+    "p_error",
+)  # fmt: skip
+_COMPLETE_RAW = _positional(_COMPLETE_SQL.text, _COMPLETE_NAMES)
 
 
 def _dumps(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
-async def complete(
-    conn: AsyncConnection, worker_id: uuid.UUID, outcomes: Sequence[Outcome]
-) -> list[uuid.UUID]:
-    """Store a batch of outcomes; returns the jobs that reached a terminal state."""
-    if not outcomes:
-        return []
+def _complete_params(worker_id: uuid.UUID, outcomes: Sequence[Outcome]) -> dict[str, Any]:
     pages = [(o.task_id, o.page) for o in outcomes if o.page is not None]
-    params: dict[str, Any] = {
-        "worker": worker_id,
+    return {
         "ids": [o.task_id for o in outcomes],
         "states": [o.state for o in outcomes],
         "delays": [o.retry_in_s for o in outcomes],
         "errors": [o.error for o in outcomes],
+        "worker": worker_id,
         "p_task": [t for t, _ in pages],
         "p_url": [p.url for _, p in pages],
         "p_final": [p.final_url for _, p in pages],
@@ -189,8 +225,31 @@ async def complete(
         "p_data": [_dumps(p.data) for _, p in pages],
         "p_error": [p.error for _, p in pages],
     }
-    touched = [row[0] for row in (await conn.execute(_COMPLETE_SQL, params)).all()]
-    return await finish_if_done(conn, touched)
+
+
+async def complete(
+    conn: AsyncConnection,
+    worker_id: uuid.UUID,
+    outcomes: Sequence[Outcome],
+    *,
+    driver: Any = None,
+) -> list[uuid.UUID]:
+    """Store a batch of outcomes; returns the jobs that reached a terminal state.
+
+    With `driver` (the asyncpg connection under `conn`) the statement goes straight to the
+    driver; the caller then runs this inside a transaction opened on `driver`, with `conn`
+    in AUTOCOMMIT mode so that finish_if_done (through `conn`) joins that transaction.
+    """
+    if not outcomes:
+        return []
+    params = _complete_params(worker_id, outcomes)
+    if driver is not None:
+        rows = await driver.fetch(_COMPLETE_RAW, *(params[name] for name in _COMPLETE_NAMES))
+    else:
+        rows = (await conn.execute(_COMPLETE_SQL, params)).all()
+    # only a job left with nothing queued or leased can finish (its row is locked by this
+    # transaction, so the counters just returned are the ones finish_if_done will see)
+    return await finish_if_done(conn, [row[0] for row in rows if row[1]])
 
 
 # Give leases back (graceful shutdown): the attempt did not happen, so it is not counted.

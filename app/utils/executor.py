@@ -8,6 +8,9 @@ Shape of one worker process:
   per-host gate (concurrency per host, delay between starts, Retry-After);
 * outcomes go to a writer that stores them in batches (group commit), fenced by the lease,
   so a worker that lost its lease stores nothing and no result is stored twice;
+* the claim loop and the writer each keep one pooled connection for their hot statements
+  and send them straight to the asyncpg driver (HeldConnection): no pool checkout and
+  pre-ping per batch, no SQLAlchemy statement overhead, one BEGIN/statement/COMMIT;
 * a heartbeat renews this worker's leases and its `workers` row, requeues tasks held by
   dead workers, and notices drain requests; cancelled jobs abort their in-flight fetches;
 * stop() drains: no new claims, in-flight work gets a grace period, unfinished leases go
@@ -24,13 +27,15 @@ import random
 import socket
 import time
 import uuid
-from collections import OrderedDict, defaultdict
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict, defaultdict, deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app import __version__
 from app.config import Settings
@@ -52,6 +57,7 @@ from app.utils.handlers import (
 logger = logging.getLogger(__name__)
 
 # Errors that mean "the database is briefly unreachable": the loops back off and go on.
+# (The asyncpg ones come from the hot statements sent straight to the driver.)
 TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
@@ -60,10 +66,19 @@ TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
     sa_exc.InterfaceError,
     sa_exc.TimeoutError,
     sa_exc.DBAPIError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
 )
 
 
 def is_retryable_db_error(error: BaseException) -> bool:
+    if isinstance(error, asyncpg.PostgresError):
+        # deadlock / serialization failure, connection exception (08), server shutting
+        # down or restarting (57P): retry; anything else is a bug or bad data
+        sqlstate = str(getattr(error, "sqlstate", "") or "")
+        return sqlstate in {"40P01", "40001"} or sqlstate.startswith(("08", "57P"))
+    if isinstance(error, asyncpg.InterfaceError):
+        return True  # the driver connection is closed or was lost
     if isinstance(error, sa_exc.DBAPIError):
         code = getattr(error.orig, "sqlstate", None) or getattr(error.orig, "pgcode", None)
         # deadlock / serialization failure: retry the batch; connection problems: back off
@@ -76,6 +91,67 @@ def is_retryable_db_error(error: BaseException) -> bool:
             or "connection" in str(error.orig).lower()
         )
     return isinstance(error, TRANSIENT_DB_ERRORS)
+
+
+class HeldConnection:
+    """One pooled connection kept by an executor loop for its hot statements.
+
+    Checked out once (the pool's pre-ping runs then, not per batch) and switched to
+    AUTOCOMMIT, so SQLAlchemy never sends a BEGIN of its own. Each unit of work is one
+    transaction opened on the asyncpg driver connection underneath: the fast statements
+    go to the driver, and SQLAlchemy statements on `conn` (job transitions, such as
+    finish_if_done) run inside the same transaction. Any error or cancellation inside a
+    unit discards the connection (invalidated: the server rolls back whatever was open),
+    and the next unit checks out a fresh one. Outside a unit the connection is idle, so
+    the pool stays consistent whatever the loop is doing.
+    """
+
+    def __init__(self, db: ConnectionManager) -> None:
+        self.db = db
+        self._conn: AsyncConnection | None = None
+        self._driver: Any = None
+
+    async def _acquire(self) -> tuple[AsyncConnection, Any]:
+        if self._conn is None or self._driver is None or self._driver.is_closed():
+            await self.release()
+            conn = await self.db.engine.connect()
+            try:
+                await conn.execution_options(isolation_level="AUTOCOMMIT")
+                raw = await conn.get_raw_connection()
+            except BaseException:
+                await conn.close()
+                raise
+            self._conn, self._driver = conn, raw.driver_connection
+        return self._conn, self._driver
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[tuple[AsyncConnection, Any]]:
+        conn, driver = await self._acquire()
+        try:
+            xact = driver.transaction()
+            await xact.start()
+            yield conn, driver
+            if conn.in_transaction():
+                # SQLAlchemy's autobegun transaction: a no-op under AUTOCOMMIT
+                await conn.commit()
+            await xact.commit()
+        except BaseException:
+            # no ROLLBACK round trip (it could hang on a dead server): the connection is
+            # dropped, and the server rolls back what was open
+            await self.release(discard=True)
+            raise
+
+    async def release(self, *, discard: bool = False) -> None:
+        conn, self._conn, self._driver = self._conn, None, None
+        if conn is None:
+            return
+        try:
+            if discard:
+                await conn.invalidate()
+            await conn.close()
+        except Exception as error:
+            # it was being thrown away anyway; the pool replaces it
+            logger.debug("closing a held connection failed: %s", error)
 
 
 @dataclass
@@ -93,14 +169,30 @@ class ExecutorStats:
 
 @dataclass
 class HostGate:
-    """Politeness for one host inside this process: concurrency, spacing, Retry-After."""
+    """Politeness for one host inside this process: concurrency, spacing, Retry-After.
+
+    Also the executor's global concurrency bound (a gate without spacing). try_acquire()
+    is the no-await fast path taken by almost every task; acquire() waits in FIFO order.
+    """
 
     limit: int
     delay_s: float = 0.0
     in_flight: int = 0
     next_start: float = 0.0
     blocked_until: float = 0.0
-    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
+
+    def try_acquire(self) -> bool:
+        """Take a slot now if the gate is open and nobody is queued before us."""
+        if self.in_flight >= self.limit or self.waiters:
+            return False
+        if self.delay_s or self.blocked_until:
+            now = asyncio.get_running_loop().time()
+            if now < self.next_start or now < self.blocked_until:
+                return False
+            self.next_start = now + self.delay_s
+        self.in_flight += 1
+        return True
 
     async def acquire(self) -> None:
         loop = asyncio.get_running_loop()
@@ -116,16 +208,23 @@ class HostGate:
                 self.waiters.append(fut)
                 try:
                     await fut
-                finally:
-                    if fut in self.waiters:
-                        self.waiters.remove(fut)
+                except asyncio.CancelledError:
+                    if fut.done() and not fut.cancelled():
+                        self._wake_next()  # we were woken, then cancelled: pass it on
+                    else:
+                        with contextlib.suppress(ValueError):
+                            self.waiters.remove(fut)
+                    raise
             else:
                 await asyncio.sleep(wait_for)
 
     def release(self) -> None:
         self.in_flight -= 1
+        self._wake_next()
+
+    def _wake_next(self) -> None:
         while self.waiters:
-            fut = self.waiters.pop(0)
+            fut = self.waiters.popleft()
             if not fut.done():
                 fut.set_result(None)
                 break
@@ -152,6 +251,7 @@ class AsyncJobExecutor:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.concurrency = concurrency or settings.worker_concurrency
         self.batch = settings.claim_batch
+        self._chunk = self.batch * 5  # most outcomes stored by one statement
         self.handler: TaskHandler = handler or ScrapeHandler(settings)
         self.stats = ExecutorStats()
         self._listener = (
@@ -161,7 +261,10 @@ class AsyncJobExecutor:
             if listen
             else None
         )
-        self._slots = asyncio.Semaphore(self.concurrency)
+        self._claim_conn = HeldConnection(db)
+        self._writer_conn = HeldConnection(db)
+        # the global concurrency bound: a gate without spacing
+        self._slots = HostGate(limit=self.concurrency)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._claiming_stopped = asyncio.Event()
@@ -250,6 +353,7 @@ class AsyncJobExecutor:
             task.cancel()
         await asyncio.gather(*self._loops[1:], return_exceptions=True)
         await self._flush_all(final=True)
+        await self._writer_conn.release()
         try:
             async with self.db.connect() as conn:
                 released = await queue.release(conn, self.worker_id)
@@ -302,6 +406,12 @@ class AsyncJobExecutor:
         return len(self._inflight)
 
     async def _claim_loop(self) -> None:
+        try:
+            await self._claim_until_stopped()
+        finally:
+            await self._claim_conn.release()
+
+    async def _claim_until_stopped(self) -> None:
         backoff = 0.5
         while not self._stopping.is_set():
             if self._draining:
@@ -319,16 +429,17 @@ class AsyncJobExecutor:
                 continue
             asked = min(room, self.batch)
             try:
-                async with self.db.connect() as conn:
+                async with self._claim_conn.transaction() as (conn, driver):
                     tasks = await queue.claim(
-                        conn, self.worker_id, asked, self.settings.lease_seconds
+                        conn, self.worker_id, asked, self.settings.lease_seconds, driver=driver
                     )
-                    new_jobs = {t.job_id for t in tasks} - self._running_jobs
+                    job_ids = {t.job_id for t in tasks}
+                    new_jobs = job_ids - self._running_jobs
                     if new_jobs:
                         await queue.mark_jobs_running(conn, list(new_jobs))
                 if tasks:
-                    await self._ensure_contexts({t.job_id for t in tasks})
-                    self._running_jobs |= {t.job_id for t in tasks}
+                    await self._ensure_contexts(job_ids)
+                    self._running_jobs |= job_ids
             except TRANSIENT_DB_ERRORS as error:
                 if not is_retryable_db_error(error):
                     logger.exception("claim failed")
@@ -412,10 +523,16 @@ class AsyncJobExecutor:
 
     async def _execute(self, task: ClaimedTask, ctx: JobContext) -> Outcome:
         gate = self._gate(task.host, ctx)
-        await gate.acquire()
+        if not gate.try_acquire():
+            await gate.acquire()
         try:
-            async with self._slots:
+            slots = self._slots
+            if not slots.try_acquire():
+                await slots.acquire()
+            try:
                 outcome = await self.handler(task, ctx)
+            finally:
+                slots.release()
         except asyncio.CancelledError:
             raise
         except Exception as error:
@@ -450,21 +567,27 @@ class AsyncJobExecutor:
         self._outcome_ready.set()
 
     async def _writer_loop(self) -> None:
-        while True:
-            await self._outcome_ready.wait()
-            self._outcome_ready.clear()
-            # group commit: let a few more outcomes arrive unless the batch is full
-            if len(self._outcomes) < self.batch and self._inflight:
-                await asyncio.sleep(self.settings.flush_interval)
-            await self._flush_all(final=False)
+        try:
+            while True:
+                await self._outcome_ready.wait()
+                self._outcome_ready.clear()
+                # group commit: while more outcomes are on their way (tasks in flight, or
+                # the last claim came back full), let them gather for one flush interval,
+                # unless a whole chunk is already waiting. Short tasks then cost one
+                # complete statement per several claims, not one per claim.
+                if len(self._outcomes) < self._chunk and (self._inflight or self._more_work):
+                    await asyncio.sleep(self.settings.flush_interval)
+                await self._flush_all(final=False)
+        finally:
+            await self._writer_conn.release()
 
     async def _flush_all(self, *, final: bool) -> None:
         backoff = 0.2
         while self._outcomes:
-            chunk = self._outcomes[: self.batch * 5]
+            chunk = self._outcomes[: self._chunk]
             try:
-                async with self.db.connect() as conn:
-                    finished = await queue.complete(conn, self.worker_id, chunk)
+                async with self._writer_conn.transaction() as (conn, driver):
+                    finished = await queue.complete(conn, self.worker_id, chunk, driver=driver)
             except TRANSIENT_DB_ERRORS as error:
                 if not is_retryable_db_error(error):
                     logger.exception("storing %d outcomes failed", len(chunk))
