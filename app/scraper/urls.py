@@ -243,4 +243,9 @@ def url_hash(canonical_url: str) -> bytes:
 
 
 def url_host(canonical_url: str) -> str:
-    return (urlsplit(canonical_url).hostname or "").lower()
+    """The politeness key: host[:port] of a canonical URL (default ports already dropped).
+
+    robots.txt and the per-host limits apply per origin: two servers on one address but
+    different ports are two hosts.
+    """
+    return urlsplit(canonical_url).netloc.lower()

@@ -22,6 +22,9 @@ WITH ins AS (
                 CAST(:depths AS int[])) AS u(url, h, host, depth)
     ON CONFLICT (job_id, url_hash) DO NOTHING
     RETURNING 1
+), host_rows AS (
+    INSERT INTO hosts (host) SELECT DISTINCT host FROM unnest(CAST(:hosts AS text[])) AS h(host)
+    ON CONFLICT DO NOTHING
 ), counted AS (
     UPDATE jobs SET total = total + (SELECT count(*) FROM ins),
                     queued = queued + (SELECT count(*) FROM ins), updated_at = now()

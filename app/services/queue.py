@@ -25,6 +25,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.database.models import JobStatus
+from app.scraper.urls import url_hash, url_host
 from app.services.state import finish_if_done, transition
 
 NOTIFY_TASKS = "trawler_tasks"
@@ -65,7 +66,7 @@ class PageRow:
     error: str | None = None
 
 
-OutcomeState = Literal["succeeded", "failed", "retry"]
+OutcomeState = Literal["succeeded", "failed", "retry", "skipped"]
 
 
 @dataclass(slots=True)
@@ -80,6 +81,8 @@ class Outcome:
     retry_in_s: float = 0.0
     # the delay came from the server (Retry-After): slow the whole host down, not just this URL
     retry_after_host: bool = False
+    # crawl: canonical in-scope links found on the page, with their depth
+    links: list[tuple[str, int]] = field(default_factory=list)
 
 
 # THE CLAIM. One statement: pick due queued tasks (best priority, then due time, then
@@ -167,14 +170,15 @@ WITH v AS (
     SELECT job_id, count(*) AS n,
            count(*) FILTER (WHERE state = 'retry') AS r,
            count(*) FILTER (WHERE state = 'succeeded') AS s,
-           count(*) FILTER (WHERE state = 'failed') AS f
+           count(*) FILTER (WHERE state = 'failed') AS f,
+           count(*) FILTER (WHERE state = 'skipped') AS k
     FROM upd GROUP BY job_id
 ), locked AS MATERIALIZED (
     SELECT j.id FROM jobs j JOIN per_job p ON p.job_id = j.id ORDER BY j.id FOR UPDATE OF j
 ), counted AS (
     UPDATE jobs j SET running = j.running - p.n, queued = j.queued + p.r,
                       succeeded = j.succeeded + p.s, failed = j.failed + p.f,
-                      updated_at = now()
+                      skipped = j.skipped + p.k, updated_at = now()
     FROM per_job p, locked l WHERE j.id = p.job_id AND l.id = j.id
     RETURNING j.id, j.queued, j.running
 ), stored AS (
@@ -188,7 +192,7 @@ WITH v AS (
                 CAST(:p_data AS text[]), CAST(:p_error AS text[]))
         AS p(task_id, url, final_url, status_code, ok, depth, content_type, elapsed_ms,
              data, error)
-    JOIN upd ON upd.id = p.task_id AND upd.state <> 'retry'
+    JOIN upd ON upd.id = p.task_id AND upd.state IN ('succeeded', 'failed')
     ON CONFLICT (task_id) DO NOTHING
 )
 SELECT id, queued = 0 AND running = 0 AS drained FROM counted
@@ -247,9 +251,79 @@ async def complete(
         rows = await driver.fetch(_COMPLETE_RAW, *(params[name] for name in _COMPLETE_NAMES))
     else:
         rows = (await conn.execute(_COMPLETE_SQL, params)).all()
+    drained = {row[0] for row in rows if row[1]}
+    # crawl links join the frontier in the same transaction, before the job can close
+    links: dict[uuid.UUID, list[tuple[str, int]]] = {}
+    for outcome in outcomes:
+        if outcome.links:
+            links.setdefault(outcome.job_id, []).extend(outcome.links)
+    for job_id, found in links.items():
+        if await enqueue_links(conn, job_id, found):
+            drained.discard(job_id)
     # only a job left with nothing queued or leased can finish (its row is locked by this
     # transaction, so the counters just returned are the ones finish_if_done will see)
-    return await finish_if_done(conn, [row[0] for row in rows if row[1]])
+    return await finish_if_done(conn, drained)
+
+
+# New crawl links, deduplicated against the job's tasks by the unique URL hash, and never
+# more than follow.max_pages tasks in total: the job row is locked (FOR UPDATE), so
+# concurrent completions of one job enqueue one after another and the cap is exact.
+_ENQUEUE_LINKS_SQL = text(
+    """
+WITH j AS (
+    SELECT id, total, priority, max_attempts,
+           coalesce(CAST(spec -> 'follow' ->> 'max_pages' AS int), 2147483647) AS cap
+    FROM jobs WHERE id = :job AND status IN ('queued', 'running')
+    FOR UPDATE
+), fresh AS (
+    SELECT u.url, u.h, u.host, u.depth
+    FROM unnest(CAST(:urls AS text[]), CAST(:hashes AS bytea[]), CAST(:hosts AS text[]),
+                CAST(:depths AS int[])) WITH ORDINALITY AS u(url, h, host, depth, ord)
+    WHERE NOT EXISTS (SELECT 1 FROM tasks t WHERE t.job_id = :job AND t.url_hash = u.h)
+    ORDER BY u.ord
+    LIMIT (SELECT greatest(cap - total, 0) FROM j)
+), ins AS (
+    INSERT INTO tasks (job_id, url, url_hash, host, depth, priority, max_attempts)
+    SELECT j.id, f.url, f.h, f.host, f.depth, j.priority, j.max_attempts FROM fresh f, j
+    ON CONFLICT (job_id, url_hash) DO NOTHING
+    RETURNING host
+), host_rows AS (
+    INSERT INTO hosts (host) SELECT DISTINCT host FROM ins ON CONFLICT DO NOTHING
+), counted AS (
+    UPDATE jobs SET total = total + (SELECT count(*) FROM ins),
+                    queued = queued + (SELECT count(*) FROM ins), updated_at = now()
+    WHERE id = (SELECT id FROM j)
+)
+SELECT count(*) FROM ins
+"""
+)
+
+
+async def enqueue_links(
+    conn: AsyncConnection, job_id: uuid.UUID, links: Sequence[tuple[str, int]]
+) -> int:
+    """Add a crawl page's links as new tasks of its job; returns how many were new."""
+    seen: set[bytes] = set()
+    urls: list[str] = []
+    hashes: list[bytes] = []
+    hosts: list[str] = []
+    depths: list[int] = []
+    for url, depth in links:
+        digest = url_hash(url)
+        if digest in seen:
+            continue
+        seen.add(digest)
+        urls.append(url)
+        hashes.append(digest)
+        hosts.append(url_host(url))
+        depths.append(depth)
+    params = {"job": job_id, "urls": urls, "hashes": hashes, "hosts": hosts, "depths": depths}
+    inserted = int((await conn.execute(_ENQUEUE_LINKS_SQL, params)).scalar_one())
+    if inserted:
+        await conn.execute(text("SELECT pg_notify(:c, '')"), {"c": NOTIFY_TASKS})
+    return inserted
+
+
 
 
 # Give leases back (graceful shutdown): the attempt did not happen, so it is not counted.

@@ -47,7 +47,7 @@ from app.services.queue import ClaimedTask, Outcome
 from app.services.state import NOTIFY_JOBS
 from app.utils.handlers import (
     JobContext,
-    ScrapeHandler,
+    PageHandler,
     TaskHandler,
     crash_outcome,
     exhausted,
@@ -252,7 +252,7 @@ class AsyncJobExecutor:
         self.concurrency = concurrency or settings.worker_concurrency
         self.batch = settings.claim_batch
         self._chunk = self.batch * 5  # most outcomes stored by one statement
-        self.handler: TaskHandler = handler or ScrapeHandler(settings)
+        self.handler: TaskHandler = handler or PageHandler(settings, db)
         self.stats = ExecutorStats()
         self._listener = (
             PgListener(
@@ -488,7 +488,9 @@ class AsyncJobExecutor:
     def _gate(self, host: str, ctx: JobContext) -> HostGate:
         gate = self._gates.get(host)
         if gate is None:
-            gate = self._gates[host] = HostGate(limit=ctx.per_host_concurrency, delay_s=ctx.delay_s)
+            gate = self._gates[host] = HostGate(
+                limit=ctx.per_host_concurrency, delay_s=ctx.delay_s
+            )
         else:
             # the strictest politeness of the jobs using the host wins
             gate.limit = (

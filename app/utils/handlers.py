@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Sequence
@@ -12,10 +13,15 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.config import Settings
+from app.database.connection import ConnectionManager
 from app.scraper.extract import CompiledSpec, Document, compile_spec, extract
 from app.scraper.fetch import Fetcher, FetchResult
+from app.scraper.links import discover_links
+from app.scraper.scope import CrawlScope
+from app.scraper.sitemaps import collect_sitemap_urls, sitemap_start_urls
 from app.scraper.ssrf import SSRFGuard
 from app.services.queue import ClaimedTask, Outcome, PageRow
+from app.services.robots_cache import RobotsCache
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +39,7 @@ class JobContext:
     user_agent: str | None = None
     per_host_concurrency: int = 8
     delay_s: float = 0.0
+    crawl: CrawlRules | None = None
 
 
 async def load_job_context(
@@ -64,6 +71,7 @@ def context_from_spec(
             politeness.get("per_host_concurrency") or settings.per_host_concurrency
         ),
         delay_s=float(politeness.get("delay_ms") or 0) / 1000.0,
+        crawl=CrawlRules.from_spec(spec) if kind == "crawl" else None,
     )
 
 
@@ -133,7 +141,10 @@ class ScrapeHandler:
         if result.ok and result.text is not None and result.is_html and ctx.compiled:
             document = Document(result.text, result.final_url)
             data = extract(document, result.final_url, ctx.compiled)
-        page = page_from_fetch(task, result, data)
+        return self.classify(task, result, page_from_fetch(task, result, data))
+
+    @staticmethod
+    def classify(task: ClaimedTask, result: FetchResult, page: PageRow) -> Outcome:
         if result.ok:
             return Outcome(task.id, task.job_id, "succeeded", page=page)
         if result.retryable:
@@ -150,3 +161,116 @@ class ScrapeHandler:
 
     async def close(self) -> None:
         await self.fetcher.close()
+
+
+@dataclass(slots=True)
+class CrawlRules:
+    """A crawl job's follow rules, compiled once per job and cached with its context."""
+
+    scope: CrawlScope
+    max_depth: int
+    respect_robots: bool
+    follow_nofollow: bool
+    sitemaps: bool
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> CrawlRules:
+        follow = spec.get("follow") or {}
+        politeness = spec.get("politeness") or {}
+        seeds = spec.get("seeds") or spec.get("urls") or []
+        max_depth = int(follow.get("max_depth", 3))
+        return cls(
+            scope=CrawlScope(
+                seeds,
+                same_site=bool(follow.get("same_site", True)),
+                allow_subdomains=bool(follow.get("allow_subdomains", False)),
+                include=follow.get("include") or (),
+                exclude=follow.get("exclude") or (),
+                max_depth=max_depth,
+                ignore_query=follow.get("ignore_query", False),
+            ),
+            max_depth=max_depth,
+            respect_robots=bool(politeness.get("respect_robots", True)),
+            follow_nofollow=bool(follow.get("follow_nofollow", False)),
+            sitemaps=bool(follow.get("sitemaps", False)),
+        )
+
+
+class PageHandler(ScrapeHandler):
+    """Scrape jobs fetch and extract; crawl jobs also honour robots.txt and follow links."""
+
+    def __init__(
+        self, settings: Settings, db: ConnectionManager, fetcher: Fetcher | None = None
+    ) -> None:
+        super().__init__(settings, fetcher)
+        self.robots = RobotsCache(db, self.fetcher, settings.user_agent)
+        self.user_agent = settings.user_agent
+        # Crawl-delay spacing per host in this process: the next allowed fetch start
+        self._next_start: dict[str, float] = {}
+
+    async def __call__(self, task: ClaimedTask, ctx: JobContext) -> Outcome:
+        rules = ctx.crawl
+        if rules is None:
+            return await super().__call__(task, ctx)
+        if rules.respect_robots:
+            policy = await self.robots.policy(task.url)
+            if not policy.allowed(task.url, ctx.user_agent or self.user_agent):
+                reason = "disallowed by robots.txt"
+                if policy.mode != "rules":
+                    reason += f" ({policy.mode}: robots.txt unavailable)"
+                return Outcome(task.id, task.job_id, "skipped", error=reason)
+            delay = policy.crawl_delay(ctx.user_agent or self.user_agent)
+            if delay:
+                await self._space(task.host, delay)
+        result = await self.fetcher.fetch(
+            task.url, headers=ctx.headers, timeout_s=ctx.timeout_s, user_agent=ctx.user_agent
+        )
+        data: dict[str, Any] = {}
+        links: list[tuple[str, int]] = []
+        if result.ok and result.text is not None and result.is_html:
+            document = Document(result.text, result.final_url)
+            if ctx.compiled:
+                data = extract(document, result.final_url, ctx.compiled)
+            if task.depth < rules.max_depth:
+                found = discover_links(
+                    document, result.final_url, follow_nofollow=rules.follow_nofollow
+                )
+                links = self._in_scope(rules, found, task.depth + 1)
+        if task.depth == 0 and rules.sitemaps and result.ok:
+            links.extend(await self._sitemap_links(rules, task, ctx))
+        page = page_from_fetch(task, result, data)
+        outcome = self.classify(task, result, page)
+        if outcome.state == "succeeded":
+            outcome.links = links
+        return outcome
+
+    async def _space(self, host: str, delay: float) -> None:
+        # reserve the next start slot before sleeping, so concurrent tasks queue up
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        start = max(now, self._next_start.get(host, 0.0))
+        self._next_start[host] = start + delay
+        if start > now:
+            await asyncio.sleep(start - now)
+
+    @staticmethod
+    def _in_scope(rules: CrawlRules, urls: Sequence[str], depth: int) -> list[tuple[str, int]]:
+        admitted: list[tuple[str, int]] = []
+        for url in urls:
+            if rules.scope.admits(url, depth) is None:
+                try:
+                    admitted.append((rules.scope.canonicalize(url), depth))
+                except ValueError:
+                    continue  # unparseable link: nothing to fetch
+        return admitted
+
+    async def _sitemap_links(
+        self, rules: CrawlRules, task: ClaimedTask, ctx: JobContext
+    ) -> list[tuple[str, int]]:
+        robots_sitemaps: list[str] = []
+        if rules.respect_robots:
+            robots_sitemaps = (await self.robots.policy(task.url)).sitemaps
+        urls = await collect_sitemap_urls(
+            self.fetcher, sitemap_start_urls(task.url, robots_sitemaps)
+        )
+        return self._in_scope(rules, urls, 1)

@@ -20,7 +20,9 @@ async def create_job(
     max_attempts: int = 3,
     tenant: str = "test",
     options: dict[str, Any] | None = None,
+    host_limit: int | None = 64,
 ) -> uuid.UUID:
+    """A scrape job with its tasks; `host_limit` sets the hosts' politeness (None: default)."""
     job_id = uuid.uuid4()
     spec = {"urls": urls, "extract": extract or {}, "options": options or {"timeout_s": 5}}
     async with db.connect() as conn:
@@ -38,6 +40,11 @@ async def create_job(
         )
         rows = frontier.prepare((u, 0) for u in urls)
         await frontier.enqueue(conn, job_id, rows, priority=0, max_attempts=max_attempts)
+        if host_limit is not None:
+            await conn.execute(
+                text("UPDATE hosts SET max_concurrency = :n WHERE host = ANY(:hosts)"),
+                {"n": host_limit, "hosts": sorted({r[2] for r in rows})},
+            )
     return job_id
 
 

@@ -135,7 +135,9 @@ def test_invalid_urls_raise(url: str, message: str) -> None:
 
 def test_url_host_and_hash() -> None:
     canonical = canonicalize_url("https://WWW.Example.com:8443/x")
-    assert url_host(canonical) == "www.example.com"
+    # the politeness key is the origin's host[:port]; a default port is dropped
+    assert url_host(canonical) == "www.example.com:8443"
+    assert url_host(canonicalize_url("https://WWW.Example.com:443/x")) == "www.example.com"
     assert len(url_hash(canonical)) == 32
 
 
