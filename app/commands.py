@@ -17,7 +17,7 @@ from rich.table import Table
 from sqlalchemy import func, select, text
 
 from app.api.errors import TrawlerError
-from app.api.schemas import JobPublic, ScrapeCreate
+from app.api.schemas import CrawlCreate, JobPublic, JobSpecBase, ScrapeCreate
 from app.cli import CliError, _fail, app, err, load_settings, open_database, out, run_async
 from app.config import Settings
 from app.database.connection import ConnectionManager
@@ -232,7 +232,7 @@ def scrape(
 
 
 async def _submit_and_maybe_wait(
-    settings: Settings, tenant: str, request: ScrapeCreate, *, wait: bool, as_json: bool
+    settings: Settings, tenant: str, request: JobSpecBase, *, wait: bool, as_json: bool
 ) -> None:
     async with open_database(settings) as (db, _):
         guard = SSRFGuard(
@@ -255,6 +255,56 @@ async def _submit_and_maybe_wait(
             _print_json(final.model_dump(mode="json"))
         else:
             _summary(final, time.monotonic() - started)
+
+
+@app.command()
+def crawl(
+    seeds: Annotated[list[str], typer.Argument(help="start URL(s)")],
+    max_pages: Annotated[int, typer.Option(min=1, max=1_000_000)] = 1000,
+    max_depth: Annotated[int, typer.Option(min=0, max=100)] = 3,
+    extract: Annotated[
+        list[str] | None,
+        typer.Option("--extract", "-e", help="name=css:SEL[@attr][[]] | name=xpath:EXPR"),
+    ] = None,
+    include: Annotated[list[str] | None, typer.Option(help="regex a URL must match")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="regex that drops a URL")] = None,
+    sitemaps: Annotated[bool, typer.Option("--sitemaps", help="also read sitemaps")] = False,
+    ignore_robots: Annotated[
+        bool, typer.Option("--ignore-robots", help="do not honour robots.txt")
+    ] = False,
+    per_host: Annotated[int, typer.Option(help="fetches in flight per host", min=1)] = 4,
+    delay_ms: Annotated[int, typer.Option(help="pause between fetches per host", min=0)] = 0,
+    wait: Annotated[bool, typer.Option("--wait", help="show progress until the crawl ends")] = (
+        False
+    ),
+    tenant: TenantOpt = DEFAULT_TENANT,
+    as_json: JsonOpt = False,
+) -> None:
+    """Crawl a site from its seed URL(s), following links within the rules."""
+    settings = load_settings()
+    try:
+        request = CrawlCreate.model_validate(
+            {
+                "seeds": seeds,
+                "extract": parse_extract(extract or []),
+                "follow": {
+                    "max_pages": max_pages,
+                    "max_depth": max_depth,
+                    "include": include or [],
+                    "exclude": exclude or [],
+                    "sitemaps": sitemaps,
+                },
+                "politeness": {
+                    "respect_robots": not ignore_robots,
+                    "per_host_concurrency": per_host,
+                    "delay_ms": delay_ms,
+                },
+            }
+        )
+    except (ValidationError, CliError) as error:
+        message = _validation_message(error) if isinstance(error, ValidationError) else str(error)
+        raise _fail(message) from None
+    run_async(_submit_and_maybe_wait(settings, tenant, request, wait=wait, as_json=as_json))
 
 
 # --------------------------------------------------------------------------- jobs

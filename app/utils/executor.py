@@ -538,9 +538,16 @@ class AsyncJobExecutor:
         except asyncio.CancelledError:
             raise
         except Exception as error:
-            # a bug in extraction must not kill the worker: record it on the page
-            logger.exception("task %s (%s) crashed", task.id, task.url)
-            outcome = crash_outcome(task, error)
+            if is_retryable_db_error(error):
+                # the database blinked during the task (robots cache): try the URL again
+                logger.warning("task %s: database unavailable (%s); retrying", task.id, error)
+                outcome = Outcome(
+                    task.id, task.job_id, "retry", error=f"database unavailable: {_short(error)}"
+                )
+            else:
+                # a bug in extraction must not kill the worker: record it on the page
+                logger.exception("task %s (%s) crashed", task.id, task.url)
+                outcome = crash_outcome(task, error)
         finally:
             gate.release()
         if outcome.state == "retry":

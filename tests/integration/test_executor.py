@@ -268,3 +268,33 @@ async def test_pause_stops_claims_and_resume_restarts(
         await conn.execute(text("SELECT pg_notify('trawler_tasks', '')"))
     row = await wait_terminal(db, job_id, timeout=10)
     assert row["status"] == "completed"
+
+
+async def test_cancel_stops_fetching_within_two_seconds(
+    db: ConnectionManager, site: LocalSite, worker_settings: Settings, executors: list
+) -> None:
+    from app.services.jobs import cancel_job
+
+    site.delay = 10  # every fetch hangs until cancelled
+    urls = [site.url(f"/page/{n}") for n in range(100)]
+    job_id = await create_job(db, urls, tenant="t1", options={"timeout_s": 60}, host_limit=8)
+    ex = await start_executor(worker_settings, executors)
+    for _ in range(100):
+        if site.active == 8:
+            break
+        await asyncio.sleep(0.05)
+    assert site.active == 8, "eight fetches in flight before the cancel"
+    async with db.session() as session:
+        job = await cancel_job(session, "t1", job_id)
+    assert job.status == "cancelled"
+    cancelled_at = time.monotonic()
+    while ex.outstanding and time.monotonic() - cancelled_at < 5:
+        await asyncio.sleep(0.05)
+    stopped_after = time.monotonic() - cancelled_at
+    assert ex.outstanding == 0
+    assert stopped_after < 2.0, f"in-flight work ran {stopped_after:.2f}s after the cancel"
+    requested = sum(site.hits.values())
+    await asyncio.sleep(1.0)
+    assert sum(site.hits.values()) == requested, "nothing fetched after the cancel"
+    assert await task_counts(db, job_id) == {"cancelled": 100}
+    assert await pages_of(db, job_id) == []
