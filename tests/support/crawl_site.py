@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gzip
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 from aiohttp import web
 
+from tests.support.served import ServedSite
 
-class CrawlSite:
+
+class CrawlSite(ServedSite):
     """/ -> /cat/0..C-1 -> /item/<c>-<0..I-1>; plus /private (robots), /calendar (a trap),
     equivalent URL spellings of the same pages, and /orphan reachable only by sitemap."""
 
@@ -34,38 +33,18 @@ class CrawlSite:
         self.starts: list[tuple[float, str]] = []
         self.active = 0
         self.max_active = 0
-        self.base = ""
-        self._closing = asyncio.Event()
-        self.app = web.Application()
+        super().__init__()
         self.app.router.add_get("/robots.txt", self.robots_txt)
         self.app.router.add_get("/sitemap.xml", self.sitemap_xml)
         self.app.router.add_get("/sitemap-items.xml.gz", self.sitemap_gz)
         self.app.router.add_get("/{tail:.*}", self.page)
-
-    @asynccontextmanager
-    async def serve(self) -> AsyncIterator[CrawlSite]:
-        runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        self.base = f"http://127.0.0.1:{runner.addresses[0][1]}"
-        try:
-            yield self
-        finally:
-            self._closing.set()
-            await runner.cleanup()
-
-    def url(self, path: str) -> str:
-        return self.base + path
 
     def expected_pages(self, max_depth: int) -> set[str]:
         pages = {"/"}
         if max_depth >= 1:
             pages |= {f"/cat/{c}" for c in range(self.categories)} | {"/calendar/2024/1"}
         if max_depth >= 2:
-            pages |= {
-                f"/item/{c}-{i}" for c in range(self.categories) for i in range(self.items)
-            }
+            pages |= {f"/item/{c}-{i}" for c in range(self.categories) for i in range(self.items)}
             pages.add("/calendar/2024/2")
         for depth in range(3, max_depth + 1):
             pages.add(f"/calendar/2024/{depth}")
@@ -106,8 +85,7 @@ class CrawlSite:
         self.max_active = max(self.max_active, self.active)
         try:
             if self.delay:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._closing.wait(), self.delay)
+                await self._sleep(self.delay)
             return web.Response(text=self._html(path), content_type="text/html")
         finally:
             self.active -= 1

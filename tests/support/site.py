@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 from aiohttp import web
 
+from tests.support.served import ServedSite
 
-class LocalSite:
+
+class LocalSite(ServedSite):
     """Serves generated pages on 127.0.0.1 and counts every request per path."""
 
     def __init__(self) -> None:
         self.hits: Counter[str] = Counter()
         self.active = 0
         self.max_active = 0
-        self.base = ""
-        self.app = web.Application()
+        super().__init__()
         r = self.app.router
         r.add_get("/page/{n}", self.page)
         r.add_get("/flaky/{key}", self.flaky)
@@ -32,29 +29,6 @@ class LocalSite:
         r.add_get("/binary", self.binary)
         r.add_get("/legacy", self.legacy)
         self.delay = 0.0
-        self._closing = asyncio.Event()
-
-    async def _sleep(self, seconds: float) -> None:
-        # ends early when the site shuts down, so teardown never waits on a "slow" page
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._closing.wait(), seconds)
-
-    @asynccontextmanager
-    async def serve(self) -> AsyncIterator[LocalSite]:
-        runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        self.base = f"http://127.0.0.1:{port}"
-        try:
-            yield self
-        finally:
-            self._closing.set()
-            await runner.cleanup()
-
-    def url(self, path: str) -> str:
-        return self.base + path
 
     def _count(self, request: web.Request) -> None:
         self.hits[request.path] += 1
