@@ -29,19 +29,25 @@ __all__ = [
 ]
 
 
-def get_db(request: Request) -> ConnectionManager:
+def _db(request: Request) -> ConnectionManager:
     db: ConnectionManager = request.app.state.db
     return db
 
 
-def get_settings_dep(request: Request) -> Settings:
+# `async def` although they await nothing: FastAPI runs plain `def` dependencies in a
+# worker thread, a needless hop on every request
+async def get_db(request: Request) -> ConnectionManager:
+    return _db(request)
+
+
+async def get_settings_dep(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     """One session per request; commits when the handler returns, before the response."""
-    async with get_db(request).session() as session:
+    async with _db(request).session() as session:
         yield session
 
 
@@ -59,13 +65,25 @@ _bearer = HTTPBearer(auto_error=False, description="an API key: trw_<prefix>_<se
 
 
 async def get_principal(
-    session: SessionDep,
+    request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
-    """401 without a key or with a malformed, unknown or revoked one."""
+    """401 without a key or with a malformed, unknown or revoked one.
+
+    A key verified in the last seconds is answered from the cache (and re-verified in the
+    background shortly before its entry expires); a miss is verified in a unit of work of
+    its own (it may record last_used_at, committed at once). Either way the route's own
+    session is not involved, so routes that need none (GET /jobs/{id}) never open one.
+    """
     if credentials is None:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-    principal = await apikeys.authenticate(session, credentials.credentials.strip())
+    key = credentials.credentials.strip()
+    principal, due = apikeys.cached_principal(key)
+    if principal is None:
+        async with _db(request).session() as session:
+            principal = await apikeys.authenticate(session, key)
+    elif due:
+        apikeys.refresh(_db(request).session, key)
     if principal is None:
         raise Unauthorized("invalid or revoked API key")
     return principal
@@ -91,8 +109,7 @@ class PageParams:
     cursor: str | None
 
 
-# `async def` although it awaits nothing: FastAPI runs plain `def` dependencies in a
-# worker thread, a needless hop on every request
+# async for the same reason as get_db: no threadpool hop
 async def get_page_params(
     limit: Annotated[int, Query(ge=1, le=200, description="items per page")] = 50,
     cursor: Annotated[

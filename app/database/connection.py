@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -11,10 +12,10 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import asyncpg
-from sqlalchemy import event, exc, text
+from sqlalchemy import event, exc, text, util
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -22,7 +23,9 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
+from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, PoolProxiedConnection
+from sqlalchemy.util import queue as sqla_queue
+from sqlalchemy.util.concurrency import await_, greenlet_spawn
 
 from app.config import Settings
 
@@ -63,14 +66,31 @@ class PoolMetrics:
 
 
 class MonitoredPool(AsyncAdaptedQueuePool):
-    """Queue pool that times every checkout wait and counts pool timeouts."""
+    """Queue pool that hands connections over first come, first served, times every
+    checkout wait and counts pool timeouts.
+
+    The stock asyncio queue pool lets a new checkout take a connection that was just
+    returned for a waiter that has not run yet; the waiter goes back to the end of the line
+    (asyncio.Queue re-queues it), and returns that find the idle queue full close their
+    connection while others wait for one. Under more concurrent requests than connections
+    that gives second-long tail latencies and reconnects (each a new server process, and
+    milliseconds of connect work here). So here a returned connection goes straight to the
+    oldest waiter, nobody overtakes a waiter, and a connection slot freed by a close or a
+    failed connect is offered to the first waiter, who opens the connection itself.
+    """
 
     metrics: PoolMetrics | None = None
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        # futures of waiting checkouts, oldest first; each gets a pool entry or None
+        # (None: a connection slot is free, open one)
+        self._waiters: deque[asyncio.Future[ConnectionPoolEntry | None]] = deque()
 
     def _do_get(self) -> ConnectionPoolEntry:
         started = time.perf_counter()
         try:
-            return super()._do_get()
+            return self._fair_get()
         except exc.TimeoutError:
             if self.metrics is not None:
                 self.metrics.timeouts += 1
@@ -79,12 +99,89 @@ class MonitoredPool(AsyncAdaptedQueuePool):
             if self.metrics is not None:
                 self.metrics.record_wait(time.perf_counter() - started)
 
+    def _fair_get(self) -> ConnectionPoolEntry:
+        first = False  # woken for a freed slot: wait at the front if someone else took it
+        if not self._waiters:
+            try:
+                return self._pool.get(False)
+            except sqla_queue.Empty:
+                pass
+        while True:
+            if (first or not self._waiters) and self._inc_overflow():
+                try:
+                    return self._create_connection()
+                except BaseException:
+                    with util.safe_reraise():
+                        self._dec_overflow()
+            try:
+                entry = await_(self._wait_in_line(first=first))
+            except TimeoutError:
+                raise exc.TimeoutError(
+                    f"QueuePool limit of size {self.size()} overflow {self._max_overflow} "
+                    f"reached, connection timed out, timeout {self._timeout:0.2f}",
+                    code="3o7r",
+                ) from None
+            if entry is not None:
+                return entry
+            first = True
+
+    async def _wait_in_line(self, *, first: bool) -> ConnectionPoolEntry | None:
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[ConnectionPoolEntry | None] = loop.create_future()
+        if first:
+            self._waiters.appendleft(waiter)
+        else:
+            self._waiters.append(waiter)
+        # a plain timer, not asyncio.timeout(): this runs for most checkouts under load
+        timer = loop.call_later(self._timeout, _expire, waiter)
+        try:
+            return await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # handed a connection (or a slot) just as we gave up: pass it on
+                self._pass_on(waiter.result())
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+        finally:
+            timer.cancel()
+
+    def _pass_on(self, entry: ConnectionPoolEntry | None) -> None:
+        """A connection (or a free slot: None) to the oldest waiter, else back to idle."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(entry)
+                return
+        if entry is not None:
+            super()._do_return_conn(entry)  # the idle queue (closed if that is full)
+
+    def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
+        self._pass_on(record)
+
+    def _dec_overflow(self) -> Literal[True]:
+        super()._dec_overflow()
+        self._pass_on(None)
+        return True
+
     def recreate(self) -> MonitoredPool:
         # engine.dispose() builds a fresh pool through recreate(): keep the same counters
         new = super().recreate()
         assert isinstance(new, MonitoredPool)
         new.metrics = self.metrics
         return new
+
+
+def _release(pooled: PoolProxiedConnection, invalidate: bool) -> None:
+    if invalidate:
+        pooled.invalidate()
+    pooled.close()
+
+
+def _expire(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 class DatabaseUnavailable(Exception):
@@ -152,7 +249,8 @@ class ConnectionManager:
             max_overflow=settings.max_overflow,
             pool_timeout=settings.pool_timeout,
             pool_recycle=settings.pool_recycle,
-            pool_pre_ping=True,
+            # pre-ping semantics with a cheaper ping: see _ping_on_checkout
+            pool_pre_ping=False,
             connect_args=connect_args,
         )
         pool = self.engine.sync_engine.pool
@@ -165,6 +263,10 @@ class ConnectionManager:
     def _install_pool_events(self) -> None:
         metrics = self.metrics
         target = self.engine.sync_engine
+        # first: a checkout whose ping fails is retried on a fresh connection before any
+        # other checkout listener sees it
+        event.listen(target, "connect", _mark_fresh)
+        event.listen(target, "checkout", _ping_on_checkout)
 
         @event.listens_for(target, "connect")
         def _on_connect(*_: Any) -> None:
@@ -292,6 +394,35 @@ class ConnectionManager:
         async with self.engine.begin() as conn:
             yield conn
 
+    @asynccontextmanager
+    async def driver(self) -> AsyncIterator[asyncpg.Connection]:
+        """The asyncpg connection of a pooled connection, for one-statement reads on hot
+        paths (GET /jobs/{id}).
+
+        Checked out and pinged like any other, but outside any transaction: each statement
+        is its own (autocommit, no BEGIN/COMMIT round trips), prepared once per connection
+        by asyncpg's statement cache, with none of SQLAlchemy's per-statement work. Use it
+        only for a single read; writes and reads that must agree go through session() or
+        connect(). Behind PgBouncer the statement runs in a transaction: with the statement
+        cache off there, asyncpg prepares unnamed statements, which must stay on the one
+        server connection a transaction pins.
+        """
+        pooled = await self.engine.raw_connection()
+        driver: asyncpg.Connection = pooled.driver_connection
+        invalidate = False
+        try:
+            if self.settings.pgbouncer:
+                async with driver.transaction():
+                    yield driver
+            else:
+                yield driver
+        except BaseException as error:
+            # dead, or interrupted mid-statement (cancelled): never hand it out again
+            invalidate = driver.is_closed() or not isinstance(error, Exception)
+            raise
+        finally:
+            await greenlet_spawn(_release, pooled, invalidate)
+
     async def dispose(self) -> None:
         pending = list(self._inflight.values())
         for task in pending:
@@ -299,6 +430,41 @@ class ConnectionManager:
         # let cancelled probes finish tearing their connections down before the pool goes
         await asyncio.gather(*pending, return_exceptions=True)
         await self.engine.dispose()
+
+
+_FRESH = "trawler_fresh"
+_PING_SQL = "SELECT 1"
+
+
+def _mark_fresh(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    record.info[_FRESH] = True
+
+
+async def _ping_statement(driver_connection: asyncpg.Connection) -> None:
+    # simple query protocol (no arguments): one round trip, nothing prepared
+    await driver_connection.execute(_PING_SQL)
+
+
+def _ping_on_checkout(dbapi_connection: Any, record: ConnectionPoolEntry, _proxy: Any) -> None:
+    """Pessimistic liveness check on every checkout (pool_pre_ping), in one round trip.
+
+    SQLAlchemy's own pre-ping on asyncpg wraps its `;` in BEGIN ... ROLLBACK whenever the
+    connection is outside a transaction, which at checkout it always is: three round trips
+    per request, more than a hot read's own work. A `SELECT 1` on the simple query protocol
+    proves the same liveness in one (and prepares nothing, so PgBouncer's transaction mode
+    is fine). Outcome as with pool_pre_ping: a connection created for this checkout is not
+    pinged; a dead one invalidates the pool (every connection older than it is replaced at
+    its next checkout, as after a server restart) and the pool retries the checkout on a
+    new connection, so the caller never sees the dead one.
+    """
+    if record.info.pop(_FRESH, False):
+        return
+    try:
+        dbapi_connection.run_async(_ping_statement)
+    except Exception as error:
+        if dbapi_connection.driver_connection.is_closed():
+            raise exc.InvalidatePoolError(f"connection found dead on checkout: {error}") from error
+        raise
 
 
 def _unique_statement_name() -> str:

@@ -7,18 +7,24 @@ and compares hashes in constant time.
 Verified keys are cached in-process for ``CACHE_TTL_S`` (2 s) so authentication stays off
 the database on the hot path. Consequence: revoking a key takes effect at once in the
 process that revoked it, and within ``CACHE_TTL_S`` in every other process (API replicas).
+A key in use is re-verified in the background during the last ``REFRESH_AHEAD_S`` of its
+entry, so requests do not wait for the lookup every ``CACHE_TTL_S``; a re-verification
+that finds the key revoked or gone drops the entry at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 import string
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 from sqlalchemy import select, text, update
@@ -27,10 +33,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.database.models import ApiKey, KeyRole
 
+logger = logging.getLogger(__name__)
+
 KEY_SCHEME = "trw"
 PREFIX_CHARS = 8
 SECRET_CHARS = 40  # base62: ~238 bits
 CACHE_TTL_S = 2.0
+REFRESH_AHEAD_S = 0.5  # re-verify in the background when an entry has this long left
 CACHE_MAX_ENTRIES = 10_000
 LAST_USED_RESOLUTION_S = 60  # last_used_at is refreshed at most this often per key
 
@@ -73,14 +82,22 @@ class _KeyCache:
         self._entries: dict[str, tuple[Principal, float]] = {}
 
     def get(self, key_hash: str) -> Principal | None:
+        return self.lookup(key_hash)[0]
+
+    def lookup(self, key_hash: str) -> tuple[Principal | None, bool]:
+        """(principal or None, whether the entry is due for re-verification)."""
         entry = self._entries.get(key_hash)
         if entry is None:
-            return None
+            return None, False
         principal, expires = entry
-        if time.monotonic() >= expires:
+        left = expires - time.monotonic()
+        if left <= 0:
             self._entries.pop(key_hash, None)
-            return None
-        return principal
+            return None, False
+        return principal, left < REFRESH_AHEAD_S
+
+    def discard(self, key_hash: str) -> None:
+        self._entries.pop(key_hash, None)
 
     def put(self, key_hash: str, principal: Principal) -> None:
         now = time.monotonic()
@@ -164,6 +181,18 @@ _TOUCH_SQL = text(
 )
 
 
+def cached_principal(key: str) -> tuple[Principal | None, bool]:
+    """From the cache only, no I/O: the principal of a key verified within the last
+    CACHE_TTL_S (or None), and whether it is due for a background refresh (refresh())."""
+    return cache.lookup(hash_key(key))
+
+
+# Verifications in flight, by key hash: when an entry expires under load, every request
+# with that key misses at once; one lookup serves them all instead of one each.
+_lookups: dict[str, asyncio.Future[Principal | None]] = {}
+_refreshes: set[asyncio.Task[None]] = set()
+
+
 async def authenticate(session: AsyncSession, key: str) -> Principal | None:
     """The principal of a valid, unrevoked key; None for anything else.
 
@@ -176,6 +205,57 @@ async def authenticate(session: AsyncSession, key: str) -> Principal | None:
     prefix = parse_prefix(key)
     if prefix is None:
         return None
+    while (pending := _lookups.get(key_hash)) is not None:
+        # another request is verifying this key: take its answer; if it failed or was
+        # cancelled, the first waiter to wake verifies in its place
+        await asyncio.wait([pending])
+        if not pending.cancelled():
+            return pending.result()
+    return await _shared_verify(session, key_hash, prefix)
+
+
+SessionScope = Callable[[], AbstractAsyncContextManager[AsyncSession]]
+
+
+def refresh(session_scope: SessionScope, key: str) -> None:
+    """Re-verify a cached key in the background (once at a time per key), in a unit of
+    work of its own; the entry gets a new CACHE_TTL_S, or goes if the key was revoked."""
+    key_hash = hash_key(key)
+    prefix = parse_prefix(key)
+    if prefix is None or key_hash in _lookups:
+        return
+
+    async def run() -> None:
+        try:
+            async with session_scope() as session:
+                if await _shared_verify(session, key_hash, prefix) is None:
+                    cache.discard(key_hash)
+        except Exception as error:  # the entry just expires; the next request verifies
+            logger.warning("background re-verification of an API key failed: %s", error)
+
+    task = asyncio.get_running_loop().create_task(run(), name="trawler-apikey-refresh")
+    _refreshes.add(task)
+    task.add_done_callback(_refreshes.discard)
+
+
+async def _shared_verify(session: AsyncSession, key_hash: str, prefix: str) -> Principal | None:
+    """_verify, announced in _lookups so that concurrent misses wait for it."""
+    lookup: asyncio.Future[Principal | None] = asyncio.get_running_loop().create_future()
+    _lookups[key_hash] = lookup
+    try:
+        principal = await _verify(session, key_hash, prefix)
+    except BaseException:
+        lookup.cancel()
+        raise
+    else:
+        lookup.set_result(principal)
+    finally:
+        if _lookups.get(key_hash) is lookup:
+            del _lookups[key_hash]
+    return principal
+
+
+async def _verify(session: AsyncSession, key_hash: str, prefix: str) -> Principal | None:
     conn = await session.connection()
     row = (
         (await conn.execute(_LOOKUP_SQL, {"prefix": prefix, "fresh": LAST_USED_RESOLUTION_S}))

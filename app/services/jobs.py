@@ -5,6 +5,8 @@ a missing one (404), enforced by the database query, not by filtering afterwards
 
 Functions only execute and flush; the caller's unit of work commits (the request session
 commits before the response is sent). NOTIFYs issued here are delivered on that commit.
+One exception: submit_job, a single atomic statement, commits by itself on a session that
+has not begun a transaction (see there).
 
 Lock order: cancel follows the queue's order (task rows, then the job row) because it
 races with claims and completions on live jobs. Retry and delete lock the job row first:
@@ -36,6 +38,7 @@ from app.api.schemas import (
     PagePublic,
     ProgressPublic,
 )
+from app.database.connection import ConnectionManager
 from app.database.models import Job, JobKind, JobStatus
 from app.scraper.ssrf import BlockedTarget, SSRFGuard
 from app.services import state
@@ -76,7 +79,9 @@ def job_from_row(row: Mapping[Any, Any]) -> JobPublic:
 _AUTOCOMMIT = {"isolation_level": "AUTOCOMMIT"}
 
 
-async def _conn(conn: Conn, *, read_only: bool = False) -> AsyncConnection:
+async def _conn(
+    conn: Conn, *, read_only: bool = False, one_statement: bool = False
+) -> AsyncConnection:
     """Core statements on the session's own connection: no ORM overhead.
 
     read_only: the caller runs one read-only statement. If the request has not used its
@@ -84,9 +89,13 @@ async def _conn(conn: Conn, *, read_only: bool = False) -> AsyncConnection:
     trips (half the database time of a hot read; one statement is its own consistent
     snapshot anyway). A connection already in use keeps its transaction. Never pass it
     from code that writes afterwards on the same session.
+
+    one_statement: the caller's whole unit of work is one statement that is atomic by
+    itself (submit_job). On an unused session it runs in AUTOCOMMIT too, so it commits as
+    it completes; inside a transaction the session already began, it joins it.
     """
     if isinstance(conn, AsyncSession):
-        fresh = read_only and not conn.in_transaction()
+        fresh = (read_only or one_statement) and not conn.in_transaction()
         return await conn.connection(execution_options=_AUTOCOMMIT if fresh else None)
     return conn
 
@@ -121,16 +130,25 @@ WITH job AS (
     FROM job CROSS JOIN unnest(CAST(:urls AS text[]), CAST(:hashes AS bytea[]),
                                CAST(:hosts AS text[])) AS u(url, url_hash, host)
 ), host_rows AS (
-    -- every task's host has a politeness row (the claim counts leases there); a crawl's
-    -- own politeness settings become its seed hosts' limits
+    -- every task's host has a politeness row (the claim counts leases there). An existing
+    -- row is left as it is without locking it: DO NOTHING takes no row lock, whereas
+    -- DO UPDATE locks the row until commit even when its WHERE rejects the update, which
+    -- queued every submission for a popular host behind the previous one's commit.
     INSERT INTO hosts (host, max_concurrency, delay_ms)
-    SELECT DISTINCT u.host, coalesce(CAST(:host_limit AS int), CAST(:default_host_limit AS int)),
+    SELECT DISTINCT u.host, CAST(:default_host_limit AS int),
            coalesce(CAST(:host_delay_ms AS int), 0)
     FROM job CROSS JOIN unnest(CAST(:hosts AS text[])) AS u(host)
+    WHERE CAST(:host_limit AS int) IS NULL
+    ON CONFLICT (host) DO NOTHING
+), host_limits AS (
+    -- a crawl's own politeness settings become its seed hosts' limits
+    INSERT INTO hosts (host, max_concurrency, delay_ms)
+    SELECT DISTINCT u.host, CAST(:host_limit AS int), coalesce(CAST(:host_delay_ms AS int), 0)
+    FROM job CROSS JOIN unnest(CAST(:hosts AS text[])) AS u(host)
+    WHERE CAST(:host_limit AS int) IS NOT NULL
     ON CONFLICT (host) DO UPDATE SET
         max_concurrency = EXCLUDED.max_concurrency, delay_ms = EXCLUDED.delay_ms,
         updated_at = now()
-    WHERE CAST(:host_limit AS int) IS NOT NULL
 )
 SELECT job.*, pg_notify('{NOTIFY_TASKS}', '') AS notified FROM job
 """
@@ -183,10 +201,17 @@ async def submit_job(
 
     created is False when `idempotency_key` was already used by this tenant with the
     same request (the existing job is returned); a different request raises Conflict.
+
+    The job, its tasks, their hosts and the executor wake-up are one statement. On a
+    session that has not begun a transaction (the API's, the CLI's) that statement runs
+    in autocommit: the job is committed when this returns, two round trips sooner than
+    BEGIN ... COMMIT and with the row locks held only while the statement runs. Callers
+    that need the job in a larger unit of work begin it first (any statement on the
+    session); the submission then joins that transaction and commits with it.
     """
     rows = _prepare_urls(request.start_urls(), guard)
     digest = request_hash(request) if idempotency_key is not None else None
-    conn = await _conn(session)
+    conn = await _conn(session, one_statement=True)
     params = {
         "tenant": tenant,
         "kind": request.kind.value,
@@ -250,6 +275,49 @@ async def get_job(conn: Conn, tenant: str, job_id: uuid.UUID) -> JobPublic | Non
         .one_or_none()
     )
     return None if row is None else job_from_row(row)
+
+
+# GET /jobs/{id}, the hottest read: asyncpg's own parameter style; the spec as JSON text,
+# parsed by orjson rather than by the json module behind the driver's jsonb codec; the id
+# is the one asked for
+_GET_JSON_SQL = (
+    "SELECT kind, status, priority, created_at, started_at, finished_at, "
+    "total, queued, running, succeeded, failed, error, spec::text AS spec "
+    "FROM jobs WHERE id = $1 AND tenant = $2"
+)
+
+
+async def get_job_json(db: ConnectionManager, tenant: str, job_id: uuid.UUID) -> bytes | None:
+    """The job resource as JSON bytes (exactly JobPublic's JSON), or None when not found.
+
+    For the route that only sends it on: one autocommit statement on the driver
+    connection and the row serialised by orjson, no session, no model validation.
+    """
+    async with db.driver() as conn:
+        row = await conn.fetchrow(_GET_JSON_SQL, job_id, tenant)
+    if row is None:
+        return None
+    return orjson.dumps(
+        {
+            "id": job_id,
+            "kind": row["kind"],
+            "status": row["status"],
+            "priority": row["priority"],
+            "created_at": row["created_at"],
+            "started_at": row["started_at"],
+            "finished_at": row["finished_at"],
+            "progress": {
+                "total": row["total"],
+                "queued": row["queued"],
+                "running": row["running"],
+                "succeeded": row["succeeded"],
+                "failed": row["failed"],
+            },
+            "error": row["error"],
+            "spec": orjson.loads(row["spec"]),
+        },
+        option=orjson.OPT_UTC_Z,
+    )
 
 
 async def require_job(conn: Conn, tenant: str, job_id: uuid.UUID) -> JobPublic:

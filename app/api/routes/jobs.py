@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 
 from app.api.deps import DbDep, PageParamsDep, PrincipalDep, SessionDep
+from app.api.errors import NotFound
 from app.api.resources import JobEventsDep
 from app.api.routes.common import (
     API_PREFIX,
@@ -73,8 +74,12 @@ async def bulk_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-async def get_job(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> JobPublic:
-    return await job_or_404(session, principal.tenant, job_id)
+async def get_job(job_id: uuid.UUID, db: DbDep, principal: PrincipalDep) -> Response:
+    """The hot read: no session, the JSON built from the row (schema: JobPublic)."""
+    body = await jobs.get_job_json(db, principal.tenant, job_id)
+    if body is None:
+        raise NotFound(f"job {job_id} not found")
+    return Response(body, media_type="application/json")
 
 
 @router.get("/{job_id}/pages", response_model=CursorPage[PagePublic])
