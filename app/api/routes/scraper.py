@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Response, status
 
@@ -17,6 +17,7 @@ from app.api.schemas import (
     PreviewPublic,
     ScrapeCreate,
 )
+from app.config import Settings
 from app.scraper.ssrf import SSRFGuard
 from app.services import jobs, preview
 
@@ -31,12 +32,15 @@ IdempotencyKey = Annotated[
 ]
 
 
-@router.post(
-    "/scrape",
-    status_code=status.HTTP_202_ACCEPTED,
-    response_model=JobPublic,
-    responses={200: {"model": JobPublic, "description": "Idempotent replay: the same job"}},
-)
+# POST /scrape and POST /crawl answer alike: 202 + Location, or 200 for a replayed key
+_SUBMIT_ROUTE: dict[str, Any] = {
+    "status_code": status.HTTP_202_ACCEPTED,
+    "response_model": JobPublic,
+    "responses": {200: {"model": JobPublic, "description": "Idempotent replay: the same job"}},
+}
+
+
+@router.post("/scrape", **_SUBMIT_ROUTE)
 async def submit_scrape(
     body: ScrapeCreate,
     response: Response,
@@ -48,22 +52,11 @@ async def submit_scrape(
 ) -> JobPublic:
     """Accept up to 10,000 URLs; 202 once the job and its tasks are committed."""
     return await _submit(
-        body,
-        response,
-        session,
-        principal.tenant,
-        guard,
-        settings.per_host_concurrency,
-        idempotency_key,
+        body, response, session, principal.tenant, guard, settings, idempotency_key
     )
 
 
-@router.post(
-    "/crawl",
-    status_code=status.HTTP_202_ACCEPTED,
-    response_model=JobPublic,
-    responses={200: {"model": JobPublic, "description": "Idempotent replay: the same job"}},
-)
+@router.post("/crawl", **_SUBMIT_ROUTE)
 async def submit_crawl(
     body: CrawlCreate,
     response: Response,
@@ -75,13 +68,7 @@ async def submit_crawl(
 ) -> JobPublic:
     """Start a crawl from its seeds; 202 once the job and its seed tasks are committed."""
     return await _submit(
-        body,
-        response,
-        session,
-        principal.tenant,
-        guard,
-        settings.per_host_concurrency,
-        idempotency_key,
+        body, response, session, principal.tenant, guard, settings, idempotency_key
     )
 
 
@@ -91,7 +78,7 @@ async def _submit(
     session: SessionDep,
     tenant: str,
     guard: SSRFGuard,
-    default_host_limit: int,
+    settings: Settings,
     idempotency_key: str | None,
 ) -> JobPublic:
     job, created = await jobs.submit_job(
@@ -100,7 +87,7 @@ async def _submit(
         body,
         guard=guard,
         idempotency_key=check_idempotency_key(idempotency_key),
-        default_host_limit=default_host_limit,
+        default_host_limit=settings.per_host_concurrency,
     )
     response.headers["Location"] = job_location(job.id)
     if not created:
