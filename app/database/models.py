@@ -180,9 +180,11 @@ class Task(Base):
 
     __table_args__ = (
         Index("uq_tasks_job_url_hash", "job_id", "url_hash", unique=True),
-        # the claim: queued rows only, best priority first, then due time, then FIFO
+        # the claim: queued rows only, per host (a skip scan finds the hosts with work),
+        # best priority first, then due time, then FIFO
         Index(
             "ix_tasks_claim",
+            "host",
             text("priority DESC"),
             "next_attempt_at",
             "id",
@@ -194,6 +196,8 @@ class Task(Base):
             "lease_expires_at",
             postgresql_where=text("status = 'leased'"),
         ),
+        # the claim counts each host's leased tasks (its fetches in flight, cluster-wide)
+        Index("ix_tasks_host_leased", "host", postgresql_where=text("status = 'leased'")),
         Index("ix_tasks_job_status", "job_id", "status"),
         CheckConstraint(
             "(status = 'leased') = (lease_expires_at IS NOT NULL)", name="lease_iff_leased"
