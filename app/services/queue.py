@@ -51,6 +51,8 @@ class ClaimedTask:
     attempts: int
     max_attempts: int
     host: str
+    # the host's delay between fetch starts (max of its delay_ms and robots Crawl-delay)
+    delay_ms: int = 0
 
 
 @dataclass(slots=True)
@@ -85,25 +87,81 @@ class Outcome:
     links: list[tuple[str, int]] = field(default_factory=list)
 
 
-# THE CLAIM. One statement: pick due queued tasks (best priority, then due time, then
-# FIFO) with SKIP LOCKED so concurrent workers never wait on or share a row, lease them
-# to this worker, and move the jobs' counters — unless an admin paused the cluster.
-# Served by the partial index ix_tasks_claim (status = 'queued').
+# THE CLAIM, in two statements inside one transaction, so that per-host politeness holds
+# across every worker process:
+#
+# 1. _LOCK_HOSTS walks the hosts that have queued work (a skip scan over ix_tasks_claim,
+#    which is led by host), starting after the caller's round-robin cursor, keeps those
+#    that are due (not blocked by Retry-After, next fetch start reached), not obviously
+#    saturated and with a due task, and locks their `hosts` rows FOR UPDATE SKIP LOCKED.
+#    A host is thus claimed for by one worker at a time; the others skip it.
+# 2. _CLAIM_SQL then runs with a fresh snapshot, taken after those locks were granted, so
+#    it sees every lease committed by the previous holder of each lock. Per host it counts
+#    the leased tasks (fetches in flight, cluster-wide; ix_tasks_host_leased) and takes at
+#    most `max_concurrency - leased` of its best due tasks (priority, due time, FIFO). A
+#    host with a delay between fetches (max of delay_ms and robots Crawl-delay) gets one
+#    task at a time, and only when none is leased; its next_fetch_at moves one delay on
+#    (the worker moves it again when the fetch really starts, see mark_fetch_started).
+#    Tasks are leased, job counters move, unless an admin paused the cluster.
+#
+# Completion never touches `hosts`: a lease that ends frees the host's room by itself, and
+# a crashed worker's leases free it when they are recovered.
+_LOCK_HOSTS_SQL = text(
+    """
+WITH RECURSIVE hs(host) AS (
+    (SELECT host FROM tasks WHERE status = 'queued' AND host > :after ORDER BY host LIMIT 1)
+    UNION ALL
+    SELECT (SELECT t.host FROM tasks t
+            WHERE t.status = 'queued' AND t.host > hs.host ORDER BY t.host LIMIT 1)
+    FROM hs
+    WHERE hs.host IS NOT NULL AND (CAST(:stop AS text) IS NULL OR hs.host < :stop)
+)
+SELECT h.host, h.max_concurrency, greatest(h.delay_ms, h.robots_delay_ms) AS delay_ms
+FROM hs JOIN hosts h ON h.host = hs.host
+WHERE (CAST(:stop AS text) IS NULL OR hs.host <= :stop)
+  AND h.blocked_until <= now() AND h.next_fetch_at <= now()
+  AND NOT (SELECT paused FROM cluster_state WHERE id = 1)
+  AND EXISTS (SELECT 1 FROM tasks t
+              WHERE t.host = h.host AND t.status = 'queued' AND t.next_attempt_at <= now())
+  AND (SELECT count(*) FROM tasks t WHERE t.host = h.host AND t.status = 'leased')
+      < CASE WHEN greatest(h.delay_ms, h.robots_delay_ms) > 0 THEN 1 ELSE h.max_concurrency END
+LIMIT :k
+FOR UPDATE OF h SKIP LOCKED
+"""
+)
+_LOCK_HOSTS_NAMES = ("after", "stop", "k")
+_LOCK_HOSTS_RAW = (_positional(_LOCK_HOSTS_SQL.text, _LOCK_HOSTS_NAMES), _LOCK_HOSTS_NAMES)
+
 _CLAIM_SQL = text(
     """
-WITH picked AS (
-    SELECT id FROM tasks
-    WHERE status = 'queued' AND next_attempt_at <= now()
-      AND NOT (SELECT paused FROM cluster_state WHERE id = 1)
-    ORDER BY priority DESC, next_attempt_at, id
-    LIMIT :n
-    FOR UPDATE SKIP LOCKED
+WITH h AS (
+    SELECT * FROM unnest(CAST(:hosts AS text[]), CAST(:caps AS int[]),
+                         CAST(:delays AS int[])) AS h(host, cap, delay_ms)
+), room AS (
+    SELECT h.host, CASE WHEN h.delay_ms > 0 THEN CAST(c.leased = 0 AS int)
+                        ELSE greatest(h.cap - c.leased, 0) END AS k
+    FROM h CROSS JOIN LATERAL (
+        SELECT count(*) AS leased FROM tasks t WHERE t.host = h.host AND t.status = 'leased'
+    ) c
+), cand AS (
+    SELECT c.id, c.priority, c.next_attempt_at
+    FROM room r CROSS JOIN LATERAL (
+        SELECT t.id, t.priority, t.next_attempt_at FROM tasks t
+        WHERE t.host = r.host AND t.status = 'queued' AND t.next_attempt_at <= now()
+        ORDER BY t.priority DESC, t.next_attempt_at, t.id
+        LIMIT r.k
+        FOR UPDATE SKIP LOCKED
+    ) c
+    WHERE r.k > 0
+), picked AS (
+    SELECT id FROM cand ORDER BY priority DESC, next_attempt_at, id LIMIT :n
 ), claimed AS (
     UPDATE tasks t SET
         status = 'leased', lease_owner = :worker,
         lease_expires_at = now() + make_interval(secs => :lease),
         attempts = t.attempts + 1, updated_at = now()
-    FROM picked WHERE t.id = picked.id
+    FROM picked
+    WHERE t.id = picked.id AND NOT (SELECT paused FROM cluster_state WHERE id = 1)
     RETURNING t.id, t.job_id, t.url, t.depth, t.attempts, t.max_attempts, t.host
 ), per_job AS (
     SELECT job_id, count(*) AS n FROM claimed GROUP BY job_id
@@ -112,13 +170,40 @@ WITH picked AS (
 ), counted AS (
     UPDATE jobs j SET queued = j.queued - p.n, running = j.running + p.n, updated_at = now()
     FROM per_job p, locked l WHERE j.id = p.job_id AND l.id = j.id
+), spaced AS (
+    UPDATE hosts SET next_fetch_at = now() + make_interval(secs => h.delay_ms / 1000.0)
+    FROM h WHERE hosts.host = h.host AND h.delay_ms > 0
+      AND hosts.host IN (SELECT host FROM claimed)
 )
-SELECT id, job_id, url, depth, attempts, max_attempts, host FROM claimed
+SELECT c.id, c.job_id, c.url, c.depth, c.attempts, c.max_attempts, c.host, h.delay_ms
+FROM claimed c JOIN h ON h.host = c.host
 """
 )
+_CLAIM_NAMES = ("hosts", "caps", "delays", "n", "worker", "lease")
+_CLAIM_RAW = (_positional(_CLAIM_SQL.text, _CLAIM_NAMES), _CLAIM_NAMES)
 
 
-_CLAIM_RAW = _positional(_CLAIM_SQL.text, ("n", "worker", "lease"))
+@dataclass(slots=True)
+class Claim:
+    """One claim's tasks, and where the next claim's walk over the hosts starts."""
+
+    tasks: list[ClaimedTask]
+    cursor: str
+    hosts: int  # hosts locked for this claim
+
+
+async def _fetch(
+    conn: AsyncConnection,
+    driver: Any,
+    sql: Any,
+    raw: tuple[str, Sequence[str]],
+    params: dict[str, Any],
+) -> list[Any]:
+    """Run `sql` through SQLAlchemy, or its positional twin straight on the driver."""
+    if driver is not None:
+        statement, names = raw
+        return list(await driver.fetch(statement, *(params[name] for name in names)))
+    return list((await conn.execute(sql, params)).all())
 
 
 async def claim(
@@ -128,18 +213,68 @@ async def claim(
     lease_s: float,
     *,
     driver: Any = None,
-) -> list[ClaimedTask]:
-    """Lease up to `limit` due tasks to this worker.
+    cursor: str = "",
+) -> Claim:
+    """Lease up to `limit` due tasks to this worker, within every host's politeness.
 
-    With `driver` (the asyncpg connection under `conn`, inside a transaction the caller
-    opened on it) the statement goes straight to the driver: the executor's fast path.
+    `cursor` is the last host the previous claim locked: the walk over hosts starts after
+    it and wraps around, so every host with work gets its turn. With `driver` (the asyncpg
+    connection under `conn`, inside a transaction the caller opened on it) the statements
+    go straight to the driver: the executor's fast path.
     """
-    if driver is not None:
-        rows = await driver.fetch(_CLAIM_RAW, limit, worker_id, float(lease_s))
-    else:
-        params = {"n": limit, "worker": worker_id, "lease": lease_s}
-        rows = (await conn.execute(_CLAIM_SQL, params)).all()
-    return [ClaimedTask(*row) for row in rows]
+    hosts = list(
+        await _fetch(
+            conn,
+            driver,
+            _LOCK_HOSTS_SQL,
+            _LOCK_HOSTS_RAW,
+            {"after": cursor, "stop": None, "k": limit},
+        )
+    )
+    if len(hosts) < limit and cursor:
+        # wrap around: the hosts up to the cursor (the cursor's own host included)
+        hosts += await _fetch(
+            conn,
+            driver,
+            _LOCK_HOSTS_SQL,
+            _LOCK_HOSTS_RAW,
+            {"after": "", "stop": cursor, "k": limit - len(hosts)},
+        )
+    if not hosts:
+        return Claim([], "", 0)
+    params = {
+        "hosts": [row[0] for row in hosts],
+        "caps": [row[1] for row in hosts],
+        "delays": [row[2] for row in hosts],
+        "n": limit,
+        "worker": worker_id,
+        "lease": float(lease_s),
+    }
+    rows = await _fetch(conn, driver, _CLAIM_SQL, _CLAIM_RAW, params)
+    return Claim([ClaimedTask(*row) for row in rows], hosts[-1][0], len(hosts))
+
+
+# A fetch from a host with a delay between fetches is starting now: its next start may come
+# one delay from now at the earliest, whenever the claim granted this one.
+_FETCH_STARTED_SQL = text(
+    "UPDATE hosts SET next_fetch_at = greatest(next_fetch_at, "
+    "now() + make_interval(secs => :delay_s)) WHERE host = :host"
+)
+
+
+async def mark_fetch_started(conn: AsyncConnection, host: str, delay_s: float) -> None:
+    await conn.execute(_FETCH_STARTED_SQL, {"host": host, "delay_s": delay_s})
+
+
+# Retry-After from a host (429/503): no worker fetches from it again before then.
+_BLOCK_HOST_SQL = text(
+    "UPDATE hosts SET blocked_until = greatest(blocked_until, "
+    "now() + make_interval(secs => :secs)), updated_at = now() WHERE host = :host"
+)
+
+
+async def block_host(conn: AsyncConnection, host: str, seconds: float) -> None:
+    await conn.execute(_BLOCK_HOST_SQL, {"host": host, "secs": seconds})
 
 
 async def mark_jobs_running(conn: AsyncConnection, job_ids: Sequence[uuid.UUID]) -> None:
@@ -322,8 +457,6 @@ async def enqueue_links(
     if inserted:
         await conn.execute(text("SELECT pg_notify(:c, '')"), {"c": NOTIFY_TASKS})
     return inserted
-
-
 
 
 # Give leases back (graceful shutdown): the attempt did not happen, so it is not counted.

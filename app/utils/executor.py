@@ -277,6 +277,7 @@ class AsyncJobExecutor:
         self._contexts: OrderedDict[uuid.UUID, JobContext] = OrderedDict()
         self._running_jobs: set[uuid.UUID] = set()
         self._gates: dict[str, HostGate] = {}
+        self._host_cursor = ""  # round robin over hosts: the next claim starts after it
         self._loops: list[asyncio.Task[None]] = []
         self._draining = False
         self._more_work = True
@@ -430,9 +431,15 @@ class AsyncJobExecutor:
             asked = min(room, self.batch)
             try:
                 async with self._claim_conn.transaction() as (conn, driver):
-                    tasks = await queue.claim(
-                        conn, self.worker_id, asked, self.settings.lease_seconds, driver=driver
+                    claimed = await queue.claim(
+                        conn,
+                        self.worker_id,
+                        asked,
+                        self.settings.lease_seconds,
+                        driver=driver,
+                        cursor=self._host_cursor,
                     )
+                    tasks = claimed.tasks
                     job_ids = {t.job_id for t in tasks}
                     new_jobs = job_ids - self._running_jobs
                     if new_jobs:
@@ -452,6 +459,11 @@ class AsyncJobExecutor:
             backoff = 0.5
             self.stats.claim_batches += 1
             self.stats.claimed += len(tasks)
+            self._host_cursor = claimed.cursor
+            spacing = min((t.delay_ms for t in tasks if t.delay_ms), default=0)
+            if spacing:
+                # a host with a delay gets its next task one delay from now: claim again then
+                asyncio.get_running_loop().call_later(spacing / 1000.0, self._wake.set)
             for task in tasks:
                 self._spawn(task)
             # a short claim means the queue is drained for now: sleep until NOTIFY (new
@@ -488,9 +500,7 @@ class AsyncJobExecutor:
     def _gate(self, host: str, ctx: JobContext) -> HostGate:
         gate = self._gates.get(host)
         if gate is None:
-            gate = self._gates[host] = HostGate(
-                limit=ctx.per_host_concurrency, delay_s=ctx.delay_s
-            )
+            gate = self._gates[host] = HostGate(limit=ctx.per_host_concurrency, delay_s=ctx.delay_s)
         else:
             # the strictest politeness of the jobs using the host wins
             gate.limit = (
@@ -558,7 +568,21 @@ class AsyncJobExecutor:
                     outcome.retry_in_s = self._backoff(task.attempts)
                 if outcome.retry_after_host:
                     gate.back_off(outcome.retry_in_s)
+                    await self._block_host(task.host, outcome.retry_in_s)
         return outcome
+
+    async def _block_host(self, host: str, seconds: float) -> None:
+        """Retry-After holds for every worker: no claim grants this host before then."""
+        try:
+            async with self.db.connect() as conn:
+                await queue.block_host(conn, host, seconds)
+        except TRANSIENT_DB_ERRORS as error:
+            if not is_retryable_db_error(error):
+                logger.exception("blocking host %s failed", host)
+                raise
+            # this process still holds back (its gate); other workers may try once more
+            self.stats.db_errors += 1
+            logger.warning("could not record Retry-After for %s: %s", host, _short(error))
 
     def _backoff(self, attempt: int) -> float:
         base: float = self.settings.retry_base_s * float(2 ** max(0, attempt - 1))
@@ -619,7 +643,9 @@ class AsyncJobExecutor:
                 self.finished_jobs.put_nowait(job_id)
             if any(o.state == "retry" for o in chunk):
                 self._more_work = True
-                self._wake.set()
+            # the stored outcomes ended their leases, which frees room on their hosts (the
+            # per-host bound counts leases cluster-wide): a claim cut short by it can go on
+            self._wake.set()
 
     # ------------------------------------------------------------------ heartbeat
 

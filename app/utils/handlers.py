@@ -20,7 +20,7 @@ from app.scraper.links import discover_links
 from app.scraper.scope import CrawlScope
 from app.scraper.sitemaps import collect_sitemap_urls, sitemap_start_urls
 from app.scraper.ssrf import SSRFGuard
-from app.services.queue import ClaimedTask, Outcome, PageRow
+from app.services.queue import ClaimedTask, Outcome, PageRow, mark_fetch_started
 from app.services.robots_cache import RobotsCache
 
 logger = logging.getLogger(__name__)
@@ -203,6 +203,7 @@ class PageHandler(ScrapeHandler):
         self, settings: Settings, db: ConnectionManager, fetcher: Fetcher | None = None
     ) -> None:
         super().__init__(settings, fetcher)
+        self.db = db
         self.robots = RobotsCache(db, self.fetcher, settings.user_agent)
         self.user_agent = settings.user_agent
         # Crawl-delay spacing per host in this process: the next allowed fetch start
@@ -211,7 +212,9 @@ class PageHandler(ScrapeHandler):
     async def __call__(self, task: ClaimedTask, ctx: JobContext) -> Outcome:
         rules = ctx.crawl
         if rules is None:
+            await self._starting(task, 0.0)
             return await super().__call__(task, ctx)
+        crawl_delay = 0.0
         if rules.respect_robots:
             policy = await self.robots.policy(task.url)
             if not policy.allowed(task.url, ctx.user_agent or self.user_agent):
@@ -222,6 +225,8 @@ class PageHandler(ScrapeHandler):
             delay = policy.crawl_delay(ctx.user_agent or self.user_agent)
             if delay:
                 await self._space(task.host, delay)
+                crawl_delay = delay
+        await self._starting(task, crawl_delay)
         result = await self.fetcher.fetch(
             task.url, headers=ctx.headers, timeout_s=ctx.timeout_s, user_agent=ctx.user_agent
         )
@@ -243,6 +248,15 @@ class PageHandler(ScrapeHandler):
         if outcome.state == "succeeded":
             outcome.links = links
         return outcome
+
+    async def _starting(self, task: ClaimedTask, crawl_delay: float) -> None:
+        """The fetch starts now: with a delay on its host, no worker anywhere may start the
+        next one before a delay from now (the claim reads hosts.next_fetch_at). Crawl-delay
+        may have been learnt only just now, with this host's first robots.txt."""
+        delay = max(task.delay_ms / 1000.0, crawl_delay)
+        if delay:
+            async with self.db.connect() as conn:
+                await mark_fetch_started(conn, task.host, delay)
 
     async def _space(self, host: str, delay: float) -> None:
         # reserve the next start slot before sleeping, so concurrent tasks queue up

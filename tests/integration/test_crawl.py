@@ -158,8 +158,7 @@ async def test_per_host_concurrency_holds_in_a_worker(
                 "politeness": {"per_host_concurrency": 3},
             },
         )
-        # one worker: politeness is enforced per worker process so far (cluster-wide
-        # per-host limits are still to come, see issue 4)
+        # one worker here; tests/e2e/test_crawl_cluster.py checks it across processes
         await start_executors(worker_settings, executors, n=1)
         row = await wait_done(db, job_id)
     assert row["status"] == "completed"
