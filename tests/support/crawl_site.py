@@ -30,6 +30,7 @@ class CrawlSite(ServedSite):
         self.delay = delay
         self.sitemap = sitemap
         self.hits: Counter[str] = Counter()
+        self.agents: Counter[str] = Counter()  # page requests by User-Agent (which worker)
         self.starts: list[tuple[float, str]] = []
         self.active = 0
         self.max_active = 0
@@ -80,6 +81,7 @@ class CrawlSite(ServedSite):
     async def page(self, request: web.Request) -> web.Response:
         path = request.path
         self.hits[path] += 1
+        self.agents[request.headers.get("User-Agent", "")] += 1
         self.starts.append((asyncio.get_running_loop().time(), path))
         self.active += 1
         self.max_active = max(self.max_active, self.active)
