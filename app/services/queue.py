@@ -129,6 +129,7 @@ LIMIT :k
 FOR UPDATE OF h SKIP LOCKED
 """
 )
+MAX_HOSTS_PER_CLAIM = 32
 _LOCK_HOSTS_NAMES = ("after", "stop", "k")
 _LOCK_HOSTS_RAW = (_positional(_LOCK_HOSTS_SQL.text, _LOCK_HOSTS_NAMES), _LOCK_HOSTS_NAMES)
 
@@ -144,17 +145,23 @@ WITH h AS (
         SELECT count(*) AS leased FROM tasks t WHERE t.host = h.host AND t.status = 'leased'
     ) c
 ), cand AS (
+    -- each host's best due tasks, at most its room and its share of the batch (twice an
+    -- even split, so that hosts with fewer due tasks leave room to the others)
     SELECT c.id, c.priority, c.next_attempt_at
     FROM room r CROSS JOIN LATERAL (
         SELECT t.id, t.priority, t.next_attempt_at FROM tasks t
         WHERE t.host = r.host AND t.status = 'queued' AND t.next_attempt_at <= now()
         ORDER BY t.priority DESC, t.next_attempt_at, t.id
-        LIMIT r.k
-        FOR UPDATE SKIP LOCKED
+        LIMIT least(r.k, ceil(2.0 * :n / (SELECT count(*) FROM h)))
     ) c
     WHERE r.k > 0
 ), picked AS (
-    SELECT id FROM cand ORDER BY priority DESC, next_attempt_at, id LIMIT :n
+    -- only the rows taken are locked (no other claim can take them: their hosts are
+    -- ours); a row that a cancellation holds right now is skipped
+    SELECT t.id FROM tasks t
+    WHERE t.id IN (SELECT id FROM cand ORDER BY priority DESC, next_attempt_at, id LIMIT :n)
+      AND t.status = 'queued'
+    FOR UPDATE SKIP LOCKED
 ), claimed AS (
     UPDATE tasks t SET
         status = 'leased', lease_owner = :worker,
@@ -222,23 +229,25 @@ async def claim(
     connection under `conn`, inside a transaction the caller opened on it) the statements
     go straight to the driver: the executor's fast path.
     """
+    # a claim serves at most MAX_HOSTS_PER_CLAIM hosts; the cursor brings the others' turn
+    wanted = min(limit, MAX_HOSTS_PER_CLAIM)
     hosts = list(
         await _fetch(
             conn,
             driver,
             _LOCK_HOSTS_SQL,
             _LOCK_HOSTS_RAW,
-            {"after": cursor, "stop": None, "k": limit},
+            {"after": cursor, "stop": None, "k": wanted},
         )
     )
-    if len(hosts) < limit and cursor:
+    if len(hosts) < wanted and cursor:
         # wrap around: the hosts up to the cursor (the cursor's own host included)
         hosts += await _fetch(
             conn,
             driver,
             _LOCK_HOSTS_SQL,
             _LOCK_HOSTS_RAW,
-            {"after": "", "stop": cursor, "k": limit - len(hosts)},
+            {"after": "", "stop": cursor, "k": wanted - len(hosts)},
         )
     if not hosts:
         return Claim([], "", 0)
