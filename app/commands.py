@@ -1,9 +1,12 @@
-"""CLI commands beyond serve/migrate: worker, scrape, jobs, apikey (registered on app.cli)."""
+"""CLI commands beyond serve/migrate: worker, scrape, jobs, export, apikey (registered on
+app.cli)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -24,6 +27,7 @@ from app.database.connection import ConnectionManager
 from app.database.models import ApiKey, JobStatus
 from app.scraper.ssrf import SSRFGuard
 from app.services import apikeys
+from app.services import export as export_service
 from app.services import jobs as job_service
 from app.utils.executor import AsyncJobExecutor
 from app.utils.runner import run_worker
@@ -401,6 +405,163 @@ def jobs_delete(job_id: str, tenant: TenantOpt = DEFAULT_TENANT) -> None:
 
     run_async(main())
     out.print(f"job {job_id} deleted")
+
+
+# --------------------------------------------------------------------------- export
+
+
+class _FileSink:
+    """Where `trawler export` writes: a temporary file beside the target, renamed into
+    place only once the export is complete (a broken export never looks like a file),
+    or standard output. Every write goes through a thread: nothing blocks the loop."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.to_stdout = target == "-"
+        self.size = 0
+        self._handle: Any = None
+        self._temp: Path | None = None
+
+    async def open(self) -> None:
+        if self.to_stdout:
+            self._handle = sys.stdout.buffer
+            return
+        final = Path(self.target)
+
+        def _open() -> tuple[Any, Path]:
+            fd, name = tempfile.mkstemp(
+                prefix=f".{final.name}.", suffix=".part", dir=final.parent.resolve()
+            )
+            return os.fdopen(fd, "wb"), Path(name)
+
+        try:
+            self._handle, self._temp = await asyncio.to_thread(_open)
+        except OSError as error:
+            raise CliError(f"cannot write {self.target}: {error.strerror or error}") from None
+
+    async def write(self, data: bytes) -> None:
+        await asyncio.to_thread(self._handle.write, data)
+        self.size += len(data)
+
+    async def commit(self) -> None:
+        if self.to_stdout:
+            await asyncio.to_thread(self._handle.flush)
+            return
+        assert self._temp is not None
+        temp, final = self._temp, Path(self.target)
+
+        def _commit() -> None:
+            self._handle.close()
+            os.chmod(temp, 0o644)  # mkstemp made it 0600: give it a normal file's mode
+            os.replace(temp, final)
+
+        await asyncio.to_thread(_commit)
+        self._temp = None
+
+    async def discard(self) -> None:
+        if self._temp is None:
+            return
+        temp = self._temp
+
+        def _discard() -> None:
+            self._handle.close()
+            temp.unlink(missing_ok=True)
+
+        await asyncio.to_thread(_discard)
+        self._temp = None
+
+
+async def export_to_file(
+    db: ConnectionManager,
+    tenant: str,
+    job_id: uuid.UUID,
+    request: export_service.ExportRequest,
+    output: str | None,
+) -> tuple[export_service.Export, _FileSink, float]:
+    """Stream one export into `output` (default: the export's file name) with a progress
+    bar of the rows written; returns the finished export, the sink and the seconds taken."""
+    started = time.monotonic()
+    try:
+        export = await export_service.open_export(db, tenant, job_id, request, count=True)
+    except TrawlerError as error:
+        raise CliError(error.detail) from None
+    sink = _FileSink(output or export.filename)
+    try:
+        await sink.open()
+        pending: list[bytes] = []
+        size = 0
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("rows  {task.fields[rate]} rows/s"),
+            TimeElapsedColumn(),
+            console=err,
+            transient=False,
+        ) as progress:
+            bar = progress.add_task("export", total=export.total, rate="0")
+            async for chunk in export.chunks():
+                pending.append(chunk)
+                size += len(chunk)
+                if size >= 1 << 20:  # one thread hop per MiB, not per chunk
+                    await sink.write(b"".join(pending))
+                    pending.clear()
+                    size = 0
+                elapsed = max(time.monotonic() - started, 1e-6)
+                progress.update(bar, completed=export.rows, rate=f"{export.rows / elapsed:,.0f}")
+            if pending:
+                await sink.write(b"".join(pending))
+            progress.update(bar, completed=export.rows, description="done")
+        await sink.commit()
+    except export_service.ExportFailed as error:
+        raise CliError(str(error)) from None
+    finally:
+        await export.aclose()
+        await sink.discard()
+    return export, sink, time.monotonic() - started
+
+
+@app.command("export")
+def export_job(
+    job_id: Annotated[str, typer.Argument(help="the job's id")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="csv | jsonl | json | xlsx")] = "csv",
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output", "-o", help="file to write, '-' for standard output [job-<id>.<format>]"
+        ),
+    ] = None,
+    fields: Annotated[
+        str | None, typer.Option(help="columns to keep, in this order: url,price,title")
+    ] = None,
+    status: Annotated[str, typer.Option(help="pages to export: ok | error | all")] = "all",
+    bom: Annotated[
+        bool, typer.Option("--bom", help="CSV: start with a UTF-8 BOM (for spreadsheets)")
+    ] = False,
+    tenant: TenantOpt = DEFAULT_TENANT,
+) -> None:
+    """Export a job's pages (a consistent snapshot, even while it runs) to a file."""
+    settings = load_settings()
+    try:
+        request = export_service.make_request(
+            fmt, fields=[fields] if fields else None, status=status, bom=bom
+        )
+    except TrawlerError as error:
+        raise _fail(error.detail) from None
+
+    async def main() -> tuple[export_service.Export, _FileSink, float]:
+        ident = _job_id(job_id)
+        async with open_database(settings) as (db, _):
+            return await export_to_file(db, tenant, ident, request, output)
+
+    export, sink, seconds = run_async(main())
+    where = "standard output" if sink.to_stdout else sink.target
+    summary = err if sink.to_stdout else out
+    summary.print(
+        f"{export.rows:,} rows ({sink.size:,} bytes, {request.format}) written to {where} "
+        f"in {seconds:.1f}s",
+        highlight=False,
+    )
 
 
 # --------------------------------------------------------------------------- apikey

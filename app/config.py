@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -83,6 +83,75 @@ class Settings(BaseSettings):
     user_agent: str = "TrawlerBot/0.1 (+https://github.com/trawler/trawler)"
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     max_redirects: int = Field(default=10, ge=0)
+
+    # tenants (every key of a tenant shares these; 0 turns a limit off)
+    tenant_max_active_jobs: int = Field(
+        default=1000, ge=0, description="queued + running jobs a tenant may have; 0 = no limit"
+    )
+    tenant_submit_rate: float = Field(
+        default=10.0, ge=0, description="job submissions per second per tenant; 0 = no limit"
+    )
+    tenant_submit_burst: int = Field(
+        default=100, ge=1, description="submissions a tenant may make at once above the rate"
+    )
+
+    # admin and metrics
+    metrics_token: SecretStr | None = Field(
+        default=None, description="bearer token for GET /metrics besides admin keys"
+    )
+    purge_batch_size: int = Field(
+        default=1000, ge=1, le=100_000, description="rows deleted per committed purge batch"
+    )
+    admin_query_timeout: float = Field(
+        default=10.0, gt=0, description="server-side limit of admin and metrics queries"
+    )
+
+    # webhooks (delivered by the workers from the webhook_deliveries outbox)
+    webhook_timeout_s: float = Field(
+        default=10.0, gt=0, le=120, description="total time one delivery attempt may take"
+    )
+    webhook_connect_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    webhook_retry_base_s: float = Field(
+        default=30.0, gt=0, description="delay after the first failed attempt (then doubled)"
+    )
+    webhook_retry_max_s: float = Field(default=6 * 3600.0, gt=0, description="longest delay")
+    webhook_max_attempts: int = Field(
+        default=12, ge=1, le=100, description="attempts before a delivery is marked failed"
+    )
+    webhook_poll_interval: float = Field(
+        default=1.0, gt=0, description="seconds between looks for due deliveries"
+    )
+    webhook_batch: int = Field(default=50, ge=1, le=1000, description="deliveries per claim")
+    webhook_concurrency: int = Field(default=16, ge=1, le=256)
+
+    # schedules
+    schedule_poll_interval: float = Field(
+        default=1.0, gt=0, description="seconds between looks for due schedule ticks"
+    )
+    schedule_min_interval_s: float = Field(
+        default=60.0, ge=1, description="shortest time between two ticks of a schedule"
+    )
+    schedule_runs_retain_days: int = Field(
+        default=30, ge=1, description="days the run history of schedules is kept"
+    )
+
+    # retention (the purge runs in every worker; jobs are locked with SKIP LOCKED)
+    default_retain_days: int | None = Field(
+        default=None, ge=0, description="retain_days of jobs that do not set it; None = forever"
+    )
+    retention_interval_s: float = Field(
+        default=300.0, gt=0, description="seconds between two retention purges of a worker"
+    )
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _strong_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        secret = value.get_secret_value().strip()
+        if len(secret) < 24:  # refuses placeholders ("changeme") along with short tokens
+            raise ValueError("metrics_token must be a random string of at least 24 characters")
+        return SecretStr(secret)
 
     @field_validator("database_url")
     @classmethod

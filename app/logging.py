@@ -1,12 +1,76 @@
-"""Process logging: plain text for people, JSON lines (TRAWLER_LOG_FORMAT=json) for collectors."""
+"""Process logging: plain text for people, JSON lines (TRAWLER_LOG_FORMAT=json) for collectors.
+
+Context fields: `request_id` (set per HTTP request by the request middleware), `job_id` and
+`worker_id` (set by the code working for a job or inside a worker) live in context
+variables; every record logged while they are set carries them, so a JSON line can be
+traced to its request, job and worker without passing them to each log call. asyncio
+tasks copy the context they are created in: set `worker_id` before a worker starts its
+loops and every line of those loops has it.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, TextIO
+
+request_id_var: ContextVar[str | None] = ContextVar("trawler_request_id", default=None)
+job_id_var: ContextVar[str | None] = ContextVar("trawler_job_id", default=None)
+worker_id_var: ContextVar[str | None] = ContextVar("trawler_worker_id", default=None)
+
+_CONTEXT_FIELDS: tuple[tuple[str, ContextVar[str | None]], ...] = (
+    ("request_id", request_id_var),
+    ("job_id", job_id_var),
+    ("worker_id", worker_id_var),
+)
+
+
+def _text(value: str | uuid.UUID | None) -> str | None:
+    return None if value is None else str(value)
+
+
+@contextmanager
+def log_context(
+    *,
+    request_id: str | uuid.UUID | None = None,
+    job_id: str | uuid.UUID | None = None,
+    worker_id: str | uuid.UUID | None = None,
+) -> Iterator[None]:
+    """Set the given context fields for the block (the others keep their values)."""
+    values = {"request_id": request_id, "job_id": job_id, "worker_id": worker_id}
+    tokens = [
+        (var, var.set(_text(values[name])))
+        for name, var in _CONTEXT_FIELDS
+        if values[name] is not None
+    ]
+    try:
+        yield
+    finally:
+        for var, token in reversed(tokens):
+            var.reset(token)
+
+
+def bind_worker(worker_id: str | uuid.UUID) -> None:
+    """Set `worker_id` for the rest of the current task and every task it creates."""
+    worker_id_var.set(_text(worker_id))
+
+
+class ContextFilter(logging.Filter):
+    """Copies the context fields onto each record (an explicit `extra=` value wins)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for name, var in _CONTEXT_FIELDS:
+            value = var.get()
+            if value is not None and not hasattr(record, name):
+                setattr(record, name, value)
+        return True
+
 
 # Attributes every LogRecord has; anything else on a record came from `extra=` and is emitted.
 _RESERVED = frozenset(
@@ -51,6 +115,7 @@ def configure_logging(level: str = "INFO", fmt: str = "text", stream: TextIO | N
     """Install one stderr handler on the root logger; every library logger propagates to it."""
     handler = _TrawlerHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.addFilter(ContextFilter())
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _TrawlerHandler)]:
         root.removeHandler(old)

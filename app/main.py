@@ -13,11 +13,22 @@ from fastapi import FastAPI
 from app import __version__
 from app.api.errors import install_error_handlers
 from app.api.resources import run_cleanups
-from app.api.routes import health, jobs, scraper
+from app.api.routes import (
+    admin,
+    export,
+    firecrawl,
+    health,
+    jobs,
+    metrics,
+    schedules,
+    scraper,
+    webhooks,
+)
 from app.config import Settings, get_settings
 from app.database.connection import ConnectionManager, is_unavailable
 from app.database.embedded import EmbeddedPostgres
 from app.database.migrations import upgrade_to_head
+from app.services.metrics import HttpMetrics, ObservabilityMiddleware
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +122,17 @@ def create_app(
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    # request ids (logging context, X-Request-ID) and HTTP latency by route for /metrics
+    app.state.http_metrics = HttpMetrics()
+    app.add_middleware(ObservabilityMiddleware, metrics=app.state.http_metrics)
     app.include_router(health.router)
     app.include_router(scraper.router)
     app.include_router(jobs.router)
+    app.include_router(webhooks.router)
+    app.include_router(schedules.router)
+    app.include_router(export.router)
+    app.include_router(admin.router)
+    app.include_router(metrics.router)
+    # Firecrawl-compatible API at /v1 and /v2 (its SDKs drop any path prefix)
+    app.include_router(firecrawl.router)
     return app

@@ -658,7 +658,14 @@ async def run(args: argparse.Namespace) -> int:
             "trawler",
             "bench.api:trawler_app",
             free_port(),
-            {**base_env, "TRAWLER_DATABASE_URL": sa_url, "TRAWLER_LOG_LEVEL": "WARNING"},
+            {
+                **base_env,
+                "TRAWLER_DATABASE_URL": sa_url,
+                "TRAWLER_LOG_LEVEL": "WARNING",
+                # one tenant submits thousands of jobs a second here: per-tenant limits off
+                "TRAWLER_TENANT_SUBMIT_RATE": "0",
+                "TRAWLER_TENANT_MAX_ACTIVE_JOBS": "0",
+            },
             "/health/live",
         )
         reference = Server(

@@ -3,23 +3,28 @@ pagination."""
 
 from __future__ import annotations
 
+import hmac
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.api.errors import Forbidden, Unauthorized
+from app.api.resources import get_listener
 from app.config import Settings
 from app.database.connection import ConnectionManager
+from app.database.listener import PgListener
 from app.services import apikeys
 from app.services.apikeys import Principal
 
 __all__ = [
     "AdminDep",
     "DbDep",
+    "MetricsAccessDep",
     "PageParams",
     "PageParamsDep",
     "Principal",
@@ -62,12 +67,25 @@ SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 # Auth: `Authorization: Bearer <key>` -> Principal (key id, tenant, role)
 
 _bearer = HTTPBearer(auto_error=False, description="an API key: trw_<prefix>_<secret>")
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+# LISTEN connections that already deliver key revocations to the key cache
+_watching: weakref.WeakSet[PgListener] = weakref.WeakSet()
 
 
-async def get_principal(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Principal:
+def _watch_revocations(app: FastAPI) -> None:
+    """Subscribe the key cache to revocations (NOTIFY trawler_keys) on this app's LISTEN
+    connection, once; it is created on first use, like the SSE streams'."""
+    listener: PgListener | None = getattr(app.state, "pg_listener", None)
+    if listener is not None and listener in _watching:
+        return
+    listener = get_listener(app)
+    if listener not in _watching:
+        listener.subscribe(apikeys.NOTIFY_KEYS, apikeys.on_key_notification)
+        _watching.add(listener)
+
+
+async def get_principal(request: Request, credentials: Credentials) -> Principal:
     """401 without a key or with a malformed, unknown or revoked one.
 
     A key verified in the last seconds is answered from the cache (and re-verified in the
@@ -77,6 +95,7 @@ async def get_principal(
     """
     if credentials is None:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    _watch_revocations(request.app)
     key = credentials.credentials.strip()
     principal, due = apikeys.cached_principal(key)
     if principal is None:
@@ -97,6 +116,22 @@ async def get_admin(principal: Annotated[Principal, Depends(get_principal)]) -> 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 AdminDep = Annotated[Principal, Depends(get_admin)]
+
+
+async def get_metrics_access(request: Request, credentials: Credentials) -> None:
+    """GET /metrics: the configured metrics token (TRAWLER_METRICS_TOKEN), or an admin key.
+
+    A scraper holding only the token never holds a key that could reach the admin routes.
+    """
+    token = request.app.state.settings.metrics_token
+    if token is not None and credentials is not None:
+        presented = credentials.credentials.strip().encode("utf-8")
+        if hmac.compare_digest(presented, token.get_secret_value().encode("utf-8")):
+            return
+    await get_admin(await get_principal(request, credentials))
+
+
+MetricsAccessDep = Annotated[None, Depends(get_metrics_access)]
 
 
 # --------------------------------------------------------------------------------------

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import re
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from cronsim import CronSim, CronSimError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from app.database.models import JobKind, JobStatus
+from app.database.models import JobKind, JobStatus, ScheduleOverlap, WebhookDeliveryStatus
 from app.scraper.extract import ExtractSpec
 from app.scraper.urls import QueryPolicy, canonicalize_url
 
@@ -108,6 +118,62 @@ class FetchOptions(_Strict):
         return value
 
 
+WebhookEvent = Literal["job.started", "job.page", "job.completed", "job.failed", "job.cancelled"]
+DEFAULT_WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = (
+    "job.started",
+    "job.completed",
+    "job.failed",
+    "job.cancelled",
+)
+# set by the delivery itself (app.services.webhooks); a job may not override them
+_WEBHOOK_RESERVED_HEADERS = frozenset(
+    {
+        "content-type",
+        "user-agent",
+        "trawler-signature",
+        "trawler-event",
+        "trawler-webhook-id",
+        "trawler-delivery-attempt",
+    }
+)
+
+
+class WebhookSpec(_Strict):
+    """Where a job's events are POSTed. `job.page` (one event per stored page) is opt-in."""
+
+    url: HttpUrlStr
+    events: list[WebhookEvent] = Field(
+        default_factory=lambda: list(DEFAULT_WEBHOOK_EVENTS), min_length=1, max_length=5
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="extra request headers (e.g. an Authorization)"
+    )
+    secret: str | None = Field(
+        default=None,
+        min_length=16,
+        max_length=256,
+        description="HMAC-SHA256 key: every delivery carries a Trawler-Signature header",
+    )
+
+    @field_validator("events")
+    @classmethod
+    def _unique_events(cls, events: list[WebhookEvent]) -> list[WebhookEvent]:
+        return list(dict.fromkeys(events))
+
+    @field_validator("headers")
+    @classmethod
+    def _check_webhook_headers(cls, headers: dict[str, str]) -> dict[str, str]:
+        FetchOptions._check_headers(headers)
+        for name in headers:
+            if name.lower() in _WEBHOOK_RESERVED_HEADERS:
+                raise ValueError(f"header {name!r} is set by the webhook delivery")
+        return headers
+
+    def public(self) -> dict[str, Any]:
+        """What the job's spec shows of it: no secret, no header values."""
+        return {"url": self.url, "events": list(self.events)}
+
+
 class JobSpecBase(_Strict):
     """What every job kind shares: extraction, priority, retries, fetch options."""
 
@@ -115,6 +181,17 @@ class JobSpecBase(_Strict):
     priority: int = Field(default=0, ge=-100, le=100)
     max_attempts: int = Field(default=3, ge=1, le=20)
     options: FetchOptions = Field(default_factory=FetchOptions)
+    webhook: WebhookSpec | None = None
+    retain_days: int | None = Field(
+        default=None,
+        ge=0,
+        le=36500,
+        description="days the finished job is kept; omitted: the server default; null: forever",
+    )
+
+    # kept out of jobs.spec: the webhook has its own table (its secret is never shown),
+    # retain_days its own column
+    _NOT_IN_SPEC: ClassVar[frozenset[str]] = frozenset({"webhook", "retain_days"})
 
     kind: ClassVar[JobKind]
 
@@ -125,6 +202,11 @@ class JobSpecBase(_Strict):
     def stored_spec(self) -> dict[str, Any]:
         """The spec kept in jobs.spec (and shown back in JobPublic.spec)."""
         raise NotImplementedError
+
+    def _with_webhook(self, spec: dict[str, Any]) -> dict[str, Any]:
+        if self.webhook is not None:
+            spec["webhook"] = self.webhook.public()
+        return spec
 
 
 class ScrapeCreate(JobSpecBase):
@@ -137,9 +219,9 @@ class ScrapeCreate(JobSpecBase):
     def stored_spec(self) -> dict[str, Any]:
         # The URL list lives in the tasks table; copying up to 10,000 URLs into every job
         # read (GET /jobs lists 50 of them) would make the hot reads pay for it.
-        spec = self.model_dump(mode="json", exclude={"urls"})
+        spec = self.model_dump(mode="json", exclude={"urls", *self._NOT_IN_SPEC})
         spec["url_count"] = len(self.urls)
-        return spec
+        return self._with_webhook(spec)
 
 
 class FollowRules(_Strict):
@@ -177,7 +259,7 @@ class CrawlCreate(JobSpecBase):
         return self.seeds
 
     def stored_spec(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        return self._with_webhook(self.model_dump(mode="json", exclude=set(self._NOT_IN_SPEC)))
 
 
 class PreviewCreate(_Strict):
@@ -194,6 +276,67 @@ BulkAction = Literal["cancel", "delete", "retry"]
 class BulkJobsCreate(_Strict):
     action: BulkAction
     ids: Annotated[list[uuid.UUID], Field(min_length=1, max_length=MAX_BULK_IDS)]
+
+
+def _check_cron(value: str) -> str:
+    value = " ".join(value.split())
+    try:
+        next(CronSim(value, datetime.now(UTC)))
+    except (CronSimError, StopIteration, ValueError) as error:
+        raise ValueError(
+            f"invalid cron expression {value!r}: {error or 'no future time matches'}; "
+            "use 5 fields (minute hour day month weekday) or 6 (seconds first)"
+        ) from None
+    return value
+
+
+def _check_timezone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"unknown time zone {value!r} (an IANA name such as Europe/Paris)"
+        ) from None
+    return value
+
+
+def template_model(kind: JobKind) -> type[JobSpecBase]:
+    return ScrapeCreate if kind == JobKind.scrape else CrawlCreate
+
+
+class ScheduleCreate(_Strict):
+    """POST /schedules: submit `template` (a POST /scrape or /crawl body) at every tick."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=128)
+    cron: Annotated[str, Field(min_length=1, max_length=255), AfterValidator(_check_cron)]
+    timezone: Annotated[
+        str, Field(min_length=1, max_length=64), AfterValidator(_check_timezone)
+    ] = "UTC"
+    kind: JobKind
+    template: dict[str, Any]
+    overlap: ScheduleOverlap = Field(
+        default=ScheduleOverlap.skip,
+        description="while the previous run is active: skip the tick, queue one run for "
+        "when it ends, or allow runs side by side",
+    )
+    enabled: bool = True
+
+    @model_validator(mode="after")
+    def _check_template(self) -> ScheduleCreate:
+        self.job_request()
+        return self
+
+    def job_request(self) -> JobSpecBase:
+        """The template as the request it stands for (ValueError when it is not valid)."""
+        try:
+            return template_model(self.kind).model_validate(self.template)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            raise ValueError(
+                f"template is not a valid {self.kind.value} request: "
+                f"{where or 'body'}: {first.get('msg', 'invalid')}"
+            ) from None
 
 
 # --------------------------------------------------------------------------------------
@@ -267,3 +410,62 @@ class BulkResultPublic(BaseModel):
     action: BulkAction
     results: list[BulkItemPublic]
     counts: dict[BulkOutcome, int]
+
+
+class WebhookPublic(BaseModel):
+    url: str
+    events: list[str]
+    headers: list[str] = Field(description="names of the extra headers sent (values hidden)")
+    signed: bool = Field(description="whether deliveries carry a Trawler-Signature")
+
+
+class WebhookDeliveryPublic(BaseModel):
+    id: int
+    event_id: uuid.UUID
+    event: str
+    status: WebhookDeliveryStatus
+    attempts: int
+    next_attempt_at: datetime | None = Field(description="when the next attempt is due")
+    last_attempt_at: datetime | None
+    last_status_code: int | None
+    last_error: str | None
+    delivered_at: datetime | None
+    redelivery_of: int | None
+    created_at: datetime
+
+
+class WebhookLogPublic(BaseModel):
+    """A job's webhook and its deliveries, newest first."""
+
+    webhook: WebhookPublic | None
+    items: list[WebhookDeliveryPublic]
+    next_cursor: str | None
+
+
+class SchedulePublic(BaseModel):
+    id: uuid.UUID
+    name: str | None
+    cron: str
+    timezone: str
+    kind: JobKind
+    template: dict[str, Any] = Field(description="the job template; a webhook secret is hidden")
+    overlap: ScheduleOverlap
+    enabled: bool
+    next_run_at: datetime | None
+    next_runs: list[datetime] = Field(description="the next few tick times (UTC)")
+    pending_tick: datetime | None = Field(
+        description="overlap=queue: the tick waiting for the previous run to end"
+    )
+    last_run_at: datetime | None
+    last_job_id: uuid.UUID | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class ScheduleRunPublic(BaseModel):
+    tick: datetime
+    outcome: Literal["submitted", "skipped", "queued", "error"]
+    job_id: uuid.UUID | None
+    missed: int = Field(description="ticks missed (downtime) and folded into this one")
+    error: str | None
+    created_at: datetime

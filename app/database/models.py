@@ -1,4 +1,5 @@
-"""SQLAlchemy 2.0 typed models: jobs, tasks (the frontier), pages, events, workers, keys."""
+"""SQLAlchemy 2.0 typed models: jobs, tasks (the frontier), pages, events, workers, keys,
+tenant limits, the admin audit trail, webhooks (config and outbox), schedules."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 NAMING_CONVENTION = {
@@ -125,6 +126,10 @@ class Job(Base):
     updated_at: Mapped[datetime] = _now()
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # retention: days a finished job is kept (NULL: forever); expires_at is set from it
+    # when the job reaches a terminal state (app.services.state) and cleared on a reopen
+    retain_days: Mapped[int | None] = mapped_column(Integer)
+    expires_at: Mapped[datetime | None]
 
     tasks: Mapped[list[Task]] = relationship(
         back_populates="job", lazy="raise", cascade="all, delete-orphan", passive_deletes=True
@@ -314,3 +319,184 @@ class ClusterState(Base):
     updated_at: Mapped[datetime] = _now()
 
     __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+
+# A tenant's active jobs, counted on every submission against TRAWLER_TENANT_MAX_ACTIVE_JOBS
+# (declared beside Job rather than in it: the jobs table's other indexes predate it)
+Index(
+    "ix_jobs_tenant_active",
+    Job.tenant,
+    postgresql_where=text("status IN ('queued', 'running')"),
+)
+
+
+class TenantLimit(Base):
+    """Submission rate state of one tenant, shared by every API process.
+
+    `tat` is the theoretical arrival time of the generic cell rate algorithm: a submission
+    is admitted while `tat - now()` stays within the burst allowance, and moves `tat` one
+    emission interval (1 / rate) on.
+    """
+
+    __tablename__ = "tenant_limits"
+    # UNLOGGED: rate state need not survive a crash (it is emptied then: every tenant starts
+    # with a full burst), and a transaction that only touched it commits without waiting
+    # for a WAL flush, so the admission before each submission costs no extra fsync
+    __table_args__ = {"prefixes": ["UNLOGGED"]}
+
+    tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    tat: Mapped[datetime] = _now()
+
+
+class AdminAudit(Base):
+    """One row per admin action: who did what to what, with which outcome."""
+
+    __tablename__ = "admin_audit"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = _now()
+    key_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))
+    tenant: Mapped[str | None] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str | None] = mapped_column(String(255))
+    params: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    result: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    ok: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    request_id: Mapped[str | None] = mapped_column(String(64))
+
+    __table_args__ = (Index("ix_admin_audit_created_at", "created_at"),)
+
+
+# The retention purge walks expired jobs in expiry order (app.services.retention)
+Index("ix_jobs_expires_at", Job.expires_at, postgresql_where=text("expires_at IS NOT NULL"))
+
+
+class JobWebhook(Base):
+    """A job's webhook: where its events go and how they are signed (one per job).
+
+    Kept apart from jobs.spec so that the secret and the headers never appear in a job
+    resource; the API shows the URL and the events only.
+    """
+
+    __tablename__ = "job_webhooks"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    url: Mapped[str] = mapped_column(Text)
+    events: Mapped[list[str]] = mapped_column(ARRAY(String(32)))
+    headers: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    secret: Mapped[str | None] = mapped_column(String(256))
+    created_at: Mapped[datetime] = _now()
+
+
+class WebhookDeliveryStatus(enum.StrEnum):
+    pending = "pending"
+    delivered = "delivered"
+    failed = "failed"
+
+
+class WebhookDelivery(Base):
+    """The transactional outbox: one row per event to deliver, written in the transaction
+    that made the event happen, delivered at least once by any worker (SKIP LOCKED)."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    # what receivers deduplicate on: a redelivery keeps the event id of its original
+    event_id: Mapped[uuid.UUID] = mapped_column(server_default=func.gen_random_uuid())
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    event: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    status: Mapped[WebhookDeliveryStatus] = mapped_column(
+        _enum(WebhookDeliveryStatus, "webhook_delivery_status"),
+        server_default=WebhookDeliveryStatus.pending.value,
+    )
+    attempts: Mapped[int] = mapped_column(SmallInteger, server_default="0")
+    # due time while pending; a claimed delivery is pushed a lease ahead, so a worker that
+    # dies mid-request leaves it due again (at least once)
+    next_attempt_at: Mapped[datetime] = _now()
+    last_attempt_at: Mapped[datetime | None]
+    last_status_code: Mapped[int | None] = mapped_column(SmallInteger)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[datetime | None]
+    redelivery_of: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = _now()
+
+    __table_args__ = (
+        # the delivery claim: due pending rows only
+        Index(
+            "ix_webhook_deliveries_due",
+            "next_attempt_at",
+            postgresql_where=text("status = 'pending'"),
+        ),
+        # a job's delivery log, and deleting a job's deliveries in batches
+        Index("ix_webhook_deliveries_job_id_id", "job_id", "id"),
+        CheckConstraint("attempts >= 0", name="attempts_nonneg"),
+    )
+
+
+class ScheduleOverlap(enum.StrEnum):
+    skip = "skip"
+    queue = "queue"
+    allow = "allow"
+
+
+class Schedule(Base):
+    """A cron schedule that submits a job from its template at every tick.
+
+    Ticks are claimed through this row (FOR UPDATE SKIP LOCKED, next_run_at moved on in
+    the same transaction as the job insert), and schedule_runs is unique per tick: one run
+    per tick whatever the number of workers.
+    """
+
+    __tablename__ = "schedules"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    tenant: Mapped[str] = mapped_column(String(128))
+    name: Mapped[str | None] = mapped_column(String(128))
+    cron: Mapped[str] = mapped_column(String(255))
+    timezone: Mapped[str] = mapped_column(String(64), server_default="UTC")
+    kind: Mapped[JobKind] = mapped_column(_enum(JobKind, "schedule_kind"))
+    # the request body of POST /scrape or /crawl (validated), secrets included
+    template: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    overlap: Mapped[ScheduleOverlap] = mapped_column(
+        _enum(ScheduleOverlap, "schedule_overlap"), server_default=ScheduleOverlap.skip.value
+    )
+    enabled: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    next_run_at: Mapped[datetime | None]
+    # overlap "queue": the tick waiting for the previous run to end (at most one waits)
+    pending_tick: Mapped[datetime | None]
+    last_run_at: Mapped[datetime | None]
+    # no foreign key: a purged job simply is no longer active
+    last_job_id: Mapped[uuid.UUID | None]
+    created_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _now()
+
+    __table_args__ = (
+        Index("ix_schedules_tenant_created", "tenant", "created_at", "id"),
+        # the tick claim: enabled schedules by due time
+        Index("ix_schedules_due", "next_run_at", postgresql_where=text("enabled")),
+    )
+
+
+class ScheduleRun(Base):
+    """What one tick of a schedule did: submitted a job, skipped, queued, or failed."""
+
+    __tablename__ = "schedule_runs"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    schedule_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("schedules.id", ondelete="CASCADE"))
+    tick: Mapped[datetime]
+    outcome: Mapped[str] = mapped_column(String(16))
+    job_id: Mapped[uuid.UUID | None]
+    # ticks missed during downtime and folded into this run
+    missed: Mapped[int] = mapped_column(Integer, server_default="0")
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _now()
+
+    __table_args__ = (
+        # exactly one run per tick, backed by the database
+        Index("uq_schedule_runs_schedule_id_tick", "schedule_id", "tick", unique=True),
+        Index("ix_schedule_runs_created_at", "created_at"),
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, get_args
 from urllib.parse import urljoin, urlsplit
 
 from lxml import etree
@@ -22,7 +22,10 @@ from pydantic import (
 )
 from selectolax.lexbor import LexborHTMLParser, LexborNode, SelectolaxError
 
+from app.scraper.markdown import clean_html, html_to_markdown, image_urls
+
 __all__ = [
+    "BUILTINS",
     "MAX_FIELDS",
     "CompiledField",
     "CompiledSpec",
@@ -34,6 +37,7 @@ __all__ = [
     "InvalidSpec",
     "builtins",
     "compile_spec",
+    "content_builtin",
     "extract",
     "validate_spec",
 ]
@@ -56,7 +60,23 @@ _URL_NOISE: Final = str.maketrans("", "", "\t\n\r")
 
 ValueKind = Literal["text", "html", "attr"]
 Engine = Literal["css", "xpath", "builtin"]
-Builtin = Literal["title", "description", "canonical", "links", "language"]
+# title, description, canonical, links and language come from builtins(); the others are
+# page renderings computed on demand (content_builtin), each only when a field asks for it.
+Builtin = Literal[
+    "title",
+    "description",
+    "canonical",
+    "links",
+    "language",
+    "markdown",
+    "markdown_main",
+    "html",
+    "html_main",
+    "raw_html",
+    "metadata",
+    "images",
+]
+BUILTINS: Final[tuple[str, ...]] = get_args(Builtin)
 
 
 class InvalidSpec(ValueError):
@@ -463,6 +483,8 @@ def extract(html: str | Document, base_url: str, compiled: CompiledSpec) -> dict
             out[field.name] = _run_css(field, doc)
         elif field.engine == "xpath":
             out[field.name] = _run_xpath(field, doc)
+        elif field.selector in _CONTENT_BUILTINS:
+            out[field.name] = content_builtin(doc, field.selector)
         else:
             if page is None:
                 page = builtins(doc, base_url)
@@ -522,3 +544,108 @@ def builtins(html: str | Document, base_url: str) -> dict[str, Any]:
         "links": _links(doc),
         "language": _attr(tree.css_first("html[lang]"), "lang"),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Content built-ins: renderings of the whole page (what the Firecrawl-compatible API serves)
+
+_CONTENT_BUILTINS: Final = frozenset(
+    {"markdown", "markdown_main", "html", "html_main", "raw_html", "metadata", "images"}
+)
+# Limits on what <meta> tags can put into stored metadata (a page could carry thousands).
+_MAX_META_TAGS: Final = 100
+_MAX_META_VALUE_CHARS: Final = 2000
+# <meta name|property> -> Firecrawl's metadata key; others are kept under their own name.
+_META_KEYS: Final = {
+    "keywords": "keywords",
+    "robots": "robots",
+    "og:title": "ogTitle",
+    "og:description": "ogDescription",
+    "og:url": "ogUrl",
+    "og:image": "ogImage",
+    "og:audio": "ogAudio",
+    "og:determiner": "ogDeterminer",
+    "og:locale": "ogLocale",
+    "og:locale:alternate": "ogLocaleAlternate",
+    "og:site_name": "ogSiteName",
+    "og:video": "ogVideo",
+    "dcterms.created": "dcTermsCreated",
+    "dc.date.created": "dcDateCreated",
+    "dc.date": "dcDate",
+    "dcterms.type": "dcTermsType",
+    "dc.type": "dcType",
+    "dcterms.audience": "dcTermsAudience",
+    "dcterms.subject": "dcTermsSubject",
+    "dc.subject": "dcSubject",
+    "dc.description": "dcDescription",
+    "dcterms.keywords": "dcTermsKeywords",
+    "article:modified_time": "modifiedTime",
+    "article:published_time": "publishedTime",
+    "article:tag": "articleTag",
+    "article:section": "articleSection",
+}
+_LIST_META: Final = frozenset({"ogLocaleAlternate"})
+
+
+def _add_meta(out: dict[str, Any], key: str, value: str, *, as_list: bool = False) -> None:
+    current = out.get(key)
+    if current is None:
+        out[key] = [value] if as_list else value
+    elif isinstance(current, list):
+        current.append(value)
+    elif current != value:
+        out[key] = [current, value]
+
+
+def _metadata(doc: Document) -> dict[str, Any]:
+    """title, description, language, favicon, Open Graph / Dublin Core / article fields
+    under Firecrawl's names, and every other <meta name|property> under its own name
+    (a list when repeated). No null values: absent means absent."""
+    tree = doc.lexbor
+    title_node = tree.css_first("head > title") or tree.css_first("title")
+    meta: dict[str, Any] = {}
+    seen = 0
+    for node in tree.css("meta[content]"):
+        attrs = node.attributes
+        name = attrs.get("property") or attrs.get("name")
+        content = attrs.get("content")
+        if not name or content is None:
+            continue
+        name = name.strip()
+        content = _collapse(content)[:_MAX_META_VALUE_CHARS]
+        if not name or not content or len(name) > 128:
+            continue
+        seen += 1
+        if seen > _MAX_META_TAGS:
+            break
+        _add_meta(meta, name, content)
+        key = _META_KEYS.get(name.lower())
+        if key is not None:
+            _add_meta(meta, key, content, as_list=key in _LIST_META)
+    icon = _attr(tree.css_first('link[rel~="icon" i][href]'), "href")
+    for key, value in (
+        ("title", _collapse(title_node.text()) if title_node is not None else None),
+        ("description", _attr(tree.css_first('meta[name="description" i][content]'), "content")),
+        ("language", _attr(tree.css_first("html[lang]"), "lang")),
+        ("favicon", doc.absolute(icon) if icon else None),
+    ):
+        if value:  # the page's own element wins over a <meta> of the same name
+            meta[key] = value
+    return meta
+
+
+def content_builtin(html: str | Document, name: str, base_url: str | None = None) -> Any:
+    """One content built-in of a page: ``markdown`` / ``markdown_main`` (the whole page or
+    its main content as Markdown), ``html`` / ``html_main`` (the same as cleaned HTML),
+    ``raw_html`` (the page as fetched), ``metadata`` (see _metadata) or ``images``."""
+    doc = html if isinstance(html, Document) else Document(html, base_url or "")
+    if name == "raw_html":
+        return doc.html
+    if name == "metadata":
+        return _metadata(doc)
+    if name == "images":
+        return image_urls(doc.lexbor, doc.absolute)
+    if name in ("markdown", "markdown_main", "html", "html_main"):
+        cleaned = clean_html(doc.html, doc.absolute, main_only=name.endswith("_main"))
+        return cleaned if name.startswith("html") else html_to_markdown(cleaned)
+    raise ValueError(f"unknown content built-in {name!r}")

@@ -118,8 +118,11 @@ def discover_links(
     base_url: str,
     *,
     follow_nofollow: bool = False,
+    limit: int | None = None,
 ) -> list[str]:
-    """Absolute http(s) URLs to follow from a page, deduplicated, in document order.
+    """Absolute http(s) URLs to follow from a page, deduplicated, in document order; the
+    first `limit` of them (a page of a million links must not take the worker's memory
+    and event loop for a minute).
 
     Sources: ``<a href>``, ``<area href>`` and ``<link rel=next|prev href>`` (both directions
     of pagination: a crawl seeded mid-series still reaches the earlier pages; dedupe makes
@@ -139,20 +142,25 @@ def discover_links(
         tree = html if isinstance(html, LexborHTMLParser) else LexborHTMLParser(html)
     # One selector pass over the tree; <base> and <meta robots> apply to the whole page,
     # so they are read before any link is resolved.
-    nodes = [(node.tag, node.attributes) for node in tree.css(_SELECTOR)]
+    nodes = tree.css(_SELECTOR)
     base = base_url
     base_seen = False
-    for tag, attrs in nodes:
+    for node in nodes:
+        tag = node.tag
         if tag == "meta":
-            if not follow_nofollow and _says_nofollow(attrs.get("content")):
+            if not follow_nofollow and _says_nofollow(node.attributes.get("content")):
                 return []
         elif tag == "base" and not base_seen:
             base_seen = True  # HTML: only the first <base href> counts
-            base = _base_from(attrs.get("href"), base_url)
+            base = _base_from(node.attributes.get("href"), base_url)
     resolver = _Resolver(base)
     seen: set[str] = set()
     links: list[str] = []
-    for tag, attrs in nodes:
+    for node in nodes:
+        if limit is not None and len(links) >= limit:
+            break
+        tag = node.tag
+        attrs = node.attributes
         href = attrs.get("href")
         if not href or tag == "base" or tag == "meta":
             continue

@@ -5,8 +5,16 @@ the lookup key), the whole key only as its SHA-256. Verification finds the row b
 and compares hashes in constant time.
 
 Verified keys are cached in-process for ``CACHE_TTL_S`` (2 s) so authentication stays off
-the database on the hot path. Consequence: revoking a key takes effect at once in the
-process that revoked it, and within ``CACHE_TTL_S`` in every other process (API replicas).
+the database on the hot path. Revocation still takes effect at once: revoke_key() sends
+``NOTIFY trawler_keys, '<key id>'`` in the revoking transaction, and every API process
+(subscribed through its LISTEN connection, see app.api.deps) drops the key's entry when the
+notification arrives, that is when the revocation commits; the revoking process also drops
+it after its own commit. Without LISTEN (PgBouncer) or while the LISTEN connection is
+down, ``CACHE_TTL_S`` bounds the delay; a lost LISTEN connection clears the whole cache.
+A verification that was in flight while an entry was dropped does not cache its answer
+(the cache's epoch moved on), so a lookup that read the key just before the revocation
+committed cannot put it back.
+
 A key in use is re-verified in the background during the last ``REFRESH_AHEAD_S`` of its
 entry, so requests do not wait for the lookup every ``CACHE_TTL_S``; a re-verification
 that finds the key revoked or gone drops the entry at once.
@@ -27,9 +35,10 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
-from sqlalchemy import select, text, update
+from sqlalchemy import event, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from app.database.models import ApiKey, KeyRole
 
@@ -42,6 +51,7 @@ CACHE_TTL_S = 2.0
 REFRESH_AHEAD_S = 0.5  # re-verify in the background when an entry has this long left
 CACHE_MAX_ENTRIES = 10_000
 LAST_USED_RESOLUTION_S = 60  # last_used_at is refreshed at most this often per key
+NOTIFY_KEYS = "trawler_keys"  # payload: the id of a revoked key
 
 _BASE62 = string.ascii_letters + string.digits
 _KEY_RE = re.compile(rf"^{KEY_SCHEME}_([A-Za-z0-9]{{{PREFIX_CHARS}}})_([A-Za-z0-9]{{32,128}})$")
@@ -76,10 +86,14 @@ def parse_prefix(key: str) -> str | None:
 
 class _KeyCache:
     """Verified keys by hash, each valid for CACHE_TTL_S. Bad keys are never cached, so a
-    key created a moment ago works at once."""
+    key created a moment ago works at once.
+
+    `epoch` moves on whenever entries are dropped (revocations); put() with the epoch a
+    verification started under refuses to cache once it moved."""
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple[Principal, float]] = {}
+        self.epoch = 0
 
     def get(self, key_hash: str) -> Principal | None:
         return self.lookup(key_hash)[0]
@@ -97,9 +111,12 @@ class _KeyCache:
         return principal, left < REFRESH_AHEAD_S
 
     def discard(self, key_hash: str) -> None:
+        self.epoch += 1
         self._entries.pop(key_hash, None)
 
-    def put(self, key_hash: str, principal: Principal) -> None:
+    def put(self, key_hash: str, principal: Principal, epoch: int | None = None) -> None:
+        if epoch is not None and epoch != self.epoch:
+            return  # something was revoked while this key was being verified
         now = time.monotonic()
         if len(self._entries) >= CACHE_MAX_ENTRIES:
             self._entries = {h: e for h, e in self._entries.items() if e[1] > now}
@@ -108,10 +125,12 @@ class _KeyCache:
         self._entries[key_hash] = (principal, now + CACHE_TTL_S)
 
     def discard_key(self, key_id: uuid.UUID) -> None:
+        self.epoch += 1
         for key_hash in [h for h, (p, _) in self._entries.items() if p.key_id == key_id]:
             self._entries.pop(key_hash, None)
 
     def clear(self) -> None:
+        self.epoch += 1
         self._entries.clear()
 
 
@@ -154,8 +173,17 @@ async def list_keys(session: AsyncSession, *, tenant: str | None = None) -> Sequ
     return (await session.scalars(stmt)).all()
 
 
+async def get_key(session: AsyncSession, key_id: uuid.UUID) -> ApiKey | None:
+    return await session.get(ApiKey, key_id)
+
+
 async def revoke_key(session: AsyncSession, key_id: uuid.UUID) -> ApiKey | None:
-    """Mark a key revoked (idempotent: the first revocation time is kept); None if unknown."""
+    """Mark a key revoked (idempotent: the first revocation time is kept); None if unknown.
+
+    Every process stops accepting the key when the caller's transaction commits: the
+    NOTIFY below is delivered then, and this process drops its cache entry after the
+    commit too (before it, a concurrent request could still verify and re-cache the key).
+    """
     stmt = (
         update(ApiKey)
         .where(ApiKey.id == key_id)
@@ -164,8 +192,28 @@ async def revoke_key(session: AsyncSession, key_id: uuid.UUID) -> ApiKey | None:
         .execution_options(synchronize_session=False, populate_existing=True)
     )
     row = (await session.scalars(stmt)).one_or_none()
+    if row is not None:
+        await session.execute(
+            text("SELECT pg_notify(:channel, :key)"), {"channel": NOTIFY_KEYS, "key": str(key_id)}
+        )
     cache.discard_key(key_id)
+
+    def _after_commit(_session: Session) -> None:
+        cache.discard_key(key_id)
+
+    event.listen(session.sync_session, "after_commit", _after_commit, once=True)
     return row
+
+
+def on_key_notification(_channel: str, payload: str) -> None:
+    """LISTEN callback for NOTIFY_KEYS: drop the revoked key; an empty payload (the LISTEN
+    connection was lost, notifications may have been missed) drops every entry."""
+    try:
+        key_id = uuid.UUID(payload)
+    except ValueError:
+        cache.clear()
+        return
+    cache.discard_key(key_id)
 
 
 _LOOKUP_SQL = text(
@@ -206,7 +254,7 @@ async def authenticate(session: AsyncSession, key: str) -> Principal | None:
     if prefix is None:
         return None
     while (pending := _lookups.get(key_hash)) is not None:
-        # another request is verifying this key: take its answer; if it failed or was
+        # another request is verifying this key: take its answer (or its error); if it was
         # cancelled, the first waiter to wake verifies in its place
         await asyncio.wait([pending])
         if not pending.cancelled():
@@ -244,7 +292,14 @@ async def _shared_verify(session: AsyncSession, key_hash: str, prefix: str) -> P
     _lookups[key_hash] = lookup
     try:
         principal = await _verify(session, key_hash, prefix)
+    except Exception as error:
+        # the database failed us (an outage, most likely): the waiters get the same error
+        # now rather than each trying again in turn, one timeout after another
+        lookup.set_exception(error)
+        lookup.exception()  # retrieved: no "never retrieved" noise when nobody waited
+        raise
     except BaseException:
+        # cancelled (the request went away): the first waiter verifies in its place
         lookup.cancel()
         raise
     else:
@@ -255,17 +310,25 @@ async def _shared_verify(session: AsyncSession, key_hash: str, prefix: str) -> P
     return principal
 
 
+# compared against when no key has the prefix, so a miss costs what a wrong secret costs
+_NO_KEY_HASH = hash_key("trw_00000000_" + "0" * SECRET_CHARS)
+
+
 async def _verify(session: AsyncSession, key_hash: str, prefix: str) -> Principal | None:
+    epoch = cache.epoch
     conn = await session.connection()
     row = (
         (await conn.execute(_LOOKUP_SQL, {"prefix": prefix, "fresh": LAST_USED_RESOLUTION_S}))
         .mappings()
         .one_or_none()
     )
-    if row is None or row["revoked"] or not hmac.compare_digest(row["key_hash"], key_hash):
+    # constant time: the hash comparison never stops at the first differing character
+    stored = row["key_hash"] if row is not None else _NO_KEY_HASH
+    matches = hmac.compare_digest(stored.encode("ascii"), key_hash.encode("ascii"))
+    if row is None or not matches or row["revoked"]:
         return None
     principal = Principal(key_id=row["id"], tenant=row["tenant"], role=KeyRole(row["role"]))
     if row["stale"]:
         await conn.execute(_TOUCH_SQL, {"id": row["id"]})
-    cache.put(key_hash, principal)
+    cache.put(key_hash, principal, epoch)
     return principal

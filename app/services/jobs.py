@@ -1,4 +1,5 @@
-"""Job management: submit, read, list, pages, cancel, retry, delete, bulk — tenant-scoped SQL.
+"""Job management: submit, read, list, pages, cancel, retry, resume, delete, bulk — tenant-scoped
+SQL.
 
 Every statement carries `tenant = :tenant`: another tenant's job is indistinguishable from
 a missing one (404), enforced by the database query, not by filtering afterwards.
@@ -119,11 +120,17 @@ _SUBMIT_SQL = text(
     f"""
 WITH job AS (
     INSERT INTO jobs (id, tenant, kind, priority, max_attempts, spec, idempotency_key,
-                      request_hash, total, queued)
+                      request_hash, total, queued, retain_days)
     VALUES (:id, :tenant, :kind, :priority, :max_attempts, CAST(:spec AS jsonb),
-            :idempotency_key, :request_hash, :n, :n)
+            :idempotency_key, :request_hash, :n, :n, CAST(:retain_days AS int))
     ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING {_JOB_COLUMNS}
+), hook AS (
+    -- the job's webhook (its secret and headers stay out of jobs.spec)
+    INSERT INTO job_webhooks (job_id, url, events, headers, secret)
+    SELECT job.id, CAST(:wh_url AS text), CAST(:wh_events AS varchar(32)[]),
+           CAST(:wh_headers AS jsonb), CAST(:wh_secret AS text)
+    FROM job WHERE CAST(:wh_url AS text) IS NOT NULL
 ), tasks AS (
     INSERT INTO tasks (job_id, url, url_hash, host, depth, priority, max_attempts)
     SELECT job.id, u.url, u.url_hash, u.host, 0, :priority, :max_attempts
@@ -179,6 +186,41 @@ def _prepare_urls(
     return rows
 
 
+def check_webhook(request: JobSpecBase, guard: SSRFGuard | None) -> None:
+    """The SSRF guard applies to a webhook URL as to a target (checked again at delivery,
+    on every resolved address)."""
+    if request.webhook is None or guard is None or guard.allow_private:
+        return
+    try:
+        guard.check_url(request.webhook.url)
+    except BlockedTarget as error:
+        raise Unprocessable(
+            f"webhook URL {request.webhook.url[:200]!r} is not allowed: {error}. Private and "
+            "local receivers need TRAWLER_ALLOW_PRIVATE_NETWORKS or TRAWLER_ALLOWED_CIDRS."
+        ) from None
+
+
+def check_request(request: JobSpecBase, guard: SSRFGuard | None) -> None:
+    """Everything submit_job refuses before writing: URLs and the webhook URL (422)."""
+    _prepare_urls(request.start_urls(), guard)
+    check_webhook(request, guard)
+
+
+def retain_days_of(request: JobSpecBase, default: int | None) -> int | None:
+    """retain_days as given (null: forever), or the server default when omitted."""
+    return request.retain_days if "retain_days" in request.model_fields_set else default
+
+
+def _webhook_params(request: JobSpecBase) -> dict[str, Any]:
+    hook = request.webhook
+    return {
+        "wh_url": hook.url if hook is not None else None,
+        "wh_events": list(hook.events) if hook is not None else None,
+        "wh_headers": orjson.dumps(hook.headers).decode() if hook is not None else None,
+        "wh_secret": hook.secret if hook is not None else None,
+    }
+
+
 def _host_politeness(request: JobSpecBase, default_limit: int) -> dict[str, int | None]:
     politeness = getattr(request, "politeness", None)
     return {
@@ -196,6 +238,7 @@ async def submit_job(
     guard: SSRFGuard | None = None,
     idempotency_key: str | None = None,
     default_host_limit: int = 8,
+    default_retain_days: int | None = None,
 ) -> tuple[JobPublic, bool]:
     """Insert the job and its tasks; returns (job, created).
 
@@ -210,6 +253,11 @@ async def submit_job(
     session); the submission then joins that transaction and commits with it.
     """
     rows = _prepare_urls(request.start_urls(), guard)
+    check_webhook(request, guard)
+    retain_days = retain_days_of(request, default_retain_days)
+    spec = request.stored_spec()
+    if retain_days is not None:
+        spec["retain_days"] = retain_days
     digest = request_hash(request) if idempotency_key is not None else None
     conn = await _conn(session, one_statement=True)
     params = {
@@ -217,7 +265,9 @@ async def submit_job(
         "kind": request.kind.value,
         "priority": request.priority,
         "max_attempts": request.max_attempts,
-        "spec": orjson.dumps(request.stored_spec()).decode(),
+        "spec": orjson.dumps(spec).decode(),
+        "retain_days": retain_days,
+        **_webhook_params(request),
         "idempotency_key": idempotency_key,
         "request_hash": digest,
         "n": len(rows),
@@ -562,6 +612,44 @@ async def retry_job(session: AsyncSession, tenant: str, job_id: uuid.UUID) -> Jo
         raise Conflict(f"job {job_id} has no failed tasks to retry")
     await conn.execute(_RECOUNT_SQL, params)
     await state.transition(conn, job_id, JobStatus.queued, data={"retried": requeued})
+    await conn.execute(text("SELECT pg_notify(:c, '')"), {"c": NOTIFY_TASKS})
+    return await require_job(conn, tenant, job_id)
+
+
+# --------------------------------------------------------------------------------------
+# Resume
+
+
+# The cancelled tasks go back to the queue: a cancelled crawl continues from its frontier
+# (links found before the cancel were enqueued as tasks and were cancelled with it). Their
+# attempts start again: a cancellation is not the URL's failure.
+_REQUEUE_CANCELLED_SQL = text(
+    """
+UPDATE tasks SET status = 'queued', attempts = 0, next_attempt_at = now(), last_error = NULL,
+                 lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+WHERE job_id = :id AND status = 'cancelled'
+  AND EXISTS (SELECT 1 FROM jobs WHERE jobs.id = :id AND jobs.tenant = :tenant)
+"""
+)
+
+
+async def resume_job(session: AsyncSession, tenant: str, job_id: uuid.UUID) -> JobPublic:
+    """Continue a cancelled job where it stopped: its cancelled tasks are queued again.
+
+    Conflict unless the job is cancelled, and when no task was left to do. The job row is
+    locked first, as in retry: a cancelled job's tasks are touched by no claim.
+    """
+    conn = await _conn(session)
+    status = await _status(conn, tenant, job_id, lock=True)
+    if status != JobStatus.cancelled:
+        raise Conflict(f"job {job_id} is {status}; only a cancelled job can be resumed")
+    params = {"id": job_id, "tenant": tenant}
+    result = await conn.execute(_REQUEUE_CANCELLED_SQL, params)
+    resumed = int(getattr(result, "rowcount", 0) or 0)
+    if resumed == 0:
+        raise Conflict(f"job {job_id} has no cancelled tasks left to resume")
+    await conn.execute(_RECOUNT_SQL, params)
+    await state.transition(conn, job_id, JobStatus.queued, data={"resumed": resumed})
     await conn.execute(text("SELECT pg_notify(:c, '')"), {"c": NOTIFY_TASKS})
     return await require_job(conn, tenant, job_id)
 

@@ -476,6 +476,9 @@ WITH upd AS (
                        attempts = greatest(t.attempts - 1, 0), updated_at = now()
     WHERE t.lease_owner = :worker AND t.status = 'leased'
       AND (CAST(:ids AS bigint[]) IS NULL OR t.id = ANY(CAST(:ids AS bigint[])))
+      AND (CAST(:keep AS bigint[]) IS NULL
+           OR (NOT t.id = ANY(CAST(:keep AS bigint[]))
+               AND t.updated_at < now() - make_interval(secs => :older)))
     RETURNING t.job_id
 ), per_job AS (
     SELECT job_id, count(*) AS n FROM upd GROUP BY job_id
@@ -491,14 +494,22 @@ SELECT count(*) FROM upd
 
 
 async def release(
-    conn: AsyncConnection, worker_id: uuid.UUID, task_ids: Sequence[int] | None = None
+    conn: AsyncConnection,
+    worker_id: uuid.UUID,
+    task_ids: Sequence[int] | None = None,
+    *,
+    keep: Sequence[int] | None = None,
+    older_than_s: float = 0.0,
 ) -> int:
-    count = (
-        await conn.execute(
-            _RELEASE_SQL,
-            {"worker": worker_id, "ids": list(task_ids) if task_ids is not None else None},
-        )
-    ).scalar_one()
+    """Give this worker's leases back: all, or `task_ids`, or (orphans) all but `keep`
+    that were leased more than `older_than_s` ago."""
+    params = {
+        "worker": worker_id,
+        "ids": list(task_ids) if task_ids is not None else None,
+        "keep": list(keep) if keep is not None else None,
+        "older": older_than_s,
+    }
+    count = (await conn.execute(_RELEASE_SQL, params)).scalar_one()
     if count:
         await conn.execute(text("SELECT pg_notify(:c, '')"), {"c": NOTIFY_TASKS})
     return int(count)
@@ -560,13 +571,18 @@ async def recover_lost(conn: AsyncConnection, stale_s: float, limit: int = 1000)
     return len(rows)
 
 
-async def renew_leases(conn: AsyncConnection, worker_id: uuid.UUID, lease_s: float) -> int:
+async def renew_leases(
+    conn: AsyncConnection, worker_id: uuid.UUID, lease_s: float, held: Sequence[int]
+) -> int:
+    """Extend the leases of the tasks this worker really holds (and only those: a lease it
+    owns without knowing, from a claim whose COMMIT answer was lost, must run out)."""
     result = await conn.execute(
         text(
             "UPDATE tasks SET lease_expires_at = now() + make_interval(secs => :lease) "
-            "WHERE lease_owner = :worker AND status = 'leased'"
+            "WHERE lease_owner = :worker AND status = 'leased' "
+            "AND id = ANY(CAST(:held AS bigint[]))"
         ),
-        {"worker": worker_id, "lease": lease_s},
+        {"worker": worker_id, "lease": lease_s, "held": list(held)},
     )
     return int(getattr(result, "rowcount", 0) or 0)
 

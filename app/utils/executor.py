@@ -14,7 +14,10 @@ Shape of one worker process:
 * a heartbeat renews this worker's leases and its `workers` row, requeues tasks held by
   dead workers, and notices drain requests; cancelled jobs abort their in-flight fetches;
 * stop() drains: no new claims, in-flight work gets a grace period, unfinished leases go
-  back to the queue, the worker row is marked stopped.
+  back to the queue, the worker row is marked stopped;
+* periodic work beside the queue, each in a loop of its own and safe with any number of
+  workers (SKIP LOCKED claims through the database): webhook deliveries from the outbox
+  (woken by job status NOTIFYs), schedule ticks, and the retention purge.
 """
 
 from __future__ import annotations
@@ -42,7 +45,10 @@ from app.config import Settings
 from app.database.connection import ConnectionManager, DatabaseUnavailable
 from app.database.listener import PgListener
 from app.database.models import JobStatus
-from app.services import queue
+from app.logging import log_context
+from app.scraper.ssrf import SSRFGuard
+from app.services import queue, retention, schedules, webhooks
+from app.services.admin import NOTIFY_WORKERS
 from app.services.queue import ClaimedTask, Outcome
 from app.services.state import NOTIFY_JOBS
 from app.utils.handlers import (
@@ -165,6 +171,9 @@ class ExecutorStats:
     cancelled_inflight: int = 0
     recovered: int = 0
     db_errors: int = 0
+    webhook_attempts: int = 0
+    schedule_ticks: int = 0
+    purged_jobs: int = 0
 
 
 @dataclass
@@ -274,6 +283,7 @@ class AsyncJobExecutor:
         self._inflight: dict[int, asyncio.Task[None]] = {}
         self._by_job: dict[uuid.UUID, set[int]] = defaultdict(set)
         self._unflushed: set[int] = set()
+        self._fetching: set[int] = set()  # in-flight tasks past their slot and host gate
         self._contexts: OrderedDict[uuid.UUID, JobContext] = OrderedDict()
         self._running_jobs: set[uuid.UUID] = set()
         self._gates: dict[str, HostGate] = {}
@@ -281,6 +291,12 @@ class AsyncJobExecutor:
         self._loops: list[asyncio.Task[None]] = []
         self._draining = False
         self._more_work = True
+        # jobs (among those this worker runs) whose webhook wants job.page events
+        self._page_hook_jobs: set[uuid.UUID] = set()
+        self._webhook_wake = asyncio.Event()
+        self._guard = SSRFGuard(
+            allow_private=settings.allow_private_networks, allow_cidrs=settings.allowed_cidrs
+        )
         self._started = False
         self.crashed: BaseException | None = None
         self.finished_jobs: asyncio.Queue[uuid.UUID] = asyncio.Queue()
@@ -295,20 +311,37 @@ class AsyncJobExecutor:
         if self._listener is not None:
             self._listener.subscribe(queue.NOTIFY_TASKS, self._on_tasks_notification)
             self._listener.subscribe(NOTIFY_JOBS, self._on_job_notification)
+            self._listener.subscribe(webhooks.NOTIFY_WEBHOOKS, self._on_webhook_notification)
+            self._listener.subscribe(NOTIFY_WORKERS, self._on_worker_notification)
             self._listener.start()
         loop = asyncio.get_running_loop()
-        self._loops = [
-            loop.create_task(self._claim_loop(), name="executor-claim"),
-            loop.create_task(self._writer_loop(), name="executor-writer"),
-            loop.create_task(self._heartbeat_loop(), name="executor-heartbeat"),
-            loop.create_task(self._cancel_watch_loop(), name="executor-cancel-watch"),
-        ]
+        # every loop (and every task it starts) logs with this worker's id
+        with log_context(worker_id=self.worker_id):
+            self._start_loops(loop)
         for task in self._loops:
             task.add_done_callback(self._loop_done)
         self._wake.set()
         logger.info(
             "worker %s started (%s, concurrency %d)", self.worker_id, self.name, self.concurrency
         )
+
+    def _start_loops(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loops = [
+            loop.create_task(self._claim_loop(), name="executor-claim"),
+            loop.create_task(self._writer_loop(), name="executor-writer"),
+            loop.create_task(self._heartbeat_loop(), name="executor-heartbeat"),
+            loop.create_task(self._cancel_watch_loop(), name="executor-cancel-watch"),
+            loop.create_task(self._webhook_loop(), name="executor-webhooks"),
+            loop.create_task(self._schedule_loop(), name="executor-schedules"),
+            loop.create_task(self._retention_loop(), name="executor-retention"),
+        ]
+
+    def _on_worker_notification(self, _channel: str, payload: str) -> None:
+        """An admin asked this worker to drain: stop claiming now, not at the next beat."""
+        if payload == str(self.worker_id) and not self._draining:
+            logger.info("drain requested: finishing in-flight work, then exiting")
+            self._draining = True
+            self._wake.set()
 
     def _loop_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
@@ -340,6 +373,13 @@ class AsyncJobExecutor:
         claim_loop = self._loops[0] if self._loops else None
         if claim_loop is not None:
             await asyncio.gather(claim_loop, return_exceptions=True)
+        # tasks leased but not started (waiting for a slot or their host): cancelled now,
+        # their leases go back below; only fetches already under way get the grace period
+        unstarted = [t for i, t in self._inflight.items() if i not in self._fetching]
+        for task in unstarted:
+            task.cancel()
+        if unstarted:
+            await asyncio.gather(*unstarted, return_exceptions=True)
         pending = list(self._inflight.values())
         if pending:
             _done, still = await asyncio.wait(pending, timeout=grace)
@@ -405,6 +445,10 @@ class AsyncJobExecutor:
     @property
     def outstanding(self) -> int:
         return len(self._inflight)
+
+    def _held(self) -> list[int]:
+        """Tasks whose lease this worker holds: running, or done and not yet stored."""
+        return list(self._inflight.keys() | self._unflushed)
 
     async def _claim_loop(self) -> None:
         try:
@@ -483,16 +527,19 @@ class AsyncJobExecutor:
         if missing:
             async with self.db.connect() as conn:
                 contexts = await load_job_context(conn, missing, self.settings)
+                self._page_hook_jobs |= await webhooks.jobs_with_page_events(conn, missing)
             for ctx in contexts:
                 self._contexts[ctx.job_id] = ctx
         for job_id in job_ids:
             if job_id in self._contexts:
                 self._contexts.move_to_end(job_id)
         while len(self._contexts) > 1000:
-            self._contexts.popitem(last=False)
+            evicted, _ = self._contexts.popitem(last=False)
+            self._page_hook_jobs.discard(evicted)
 
     def _spawn(self, task: ClaimedTask) -> None:
-        runner = asyncio.get_running_loop().create_task(self._run_task(task))
+        with log_context(job_id=task.job_id):
+            runner = asyncio.get_running_loop().create_task(self._run_task(task))
         self._inflight[task.id] = runner
         self._by_job[task.job_id].add(task.id)
         self._unflushed.add(task.id)
@@ -525,6 +572,7 @@ class AsyncJobExecutor:
             raise
         finally:
             self._inflight.pop(task.id, None)
+            self._fetching.discard(task.id)
             ids = self._by_job.get(task.job_id)
             if ids is not None:
                 ids.discard(task.id)
@@ -542,6 +590,7 @@ class AsyncJobExecutor:
             if not slots.try_acquire():
                 await slots.acquire()
             try:
+                self._fetching.add(task.id)
                 outcome = await self.handler(task, ctx)
             finally:
                 slots.release()
@@ -621,6 +670,8 @@ class AsyncJobExecutor:
             try:
                 async with self._writer_conn.transaction() as (conn, driver):
                     finished = await queue.complete(conn, self.worker_id, chunk, driver=driver)
+                    # job.page outbox rows, in the transaction that stored the pages
+                    page_events = await self._record_page_events(conn, chunk)
             except TRANSIENT_DB_ERRORS as error:
                 if not is_retryable_db_error(error):
                     logger.exception("storing %d outcomes failed", len(chunk))
@@ -634,6 +685,8 @@ class AsyncJobExecutor:
                 backoff = min(backoff * 2, 10.0)
                 continue
             del self._outcomes[: len(chunk)]
+            if page_events or finished:
+                self._webhook_wake.set()
             self.stats.flushes += 1
             self.stats.completed += sum(1 for o in chunk if o.state != "retry")
             for outcome in chunk:
@@ -646,6 +699,86 @@ class AsyncJobExecutor:
             # the stored outcomes ended their leases, which frees room on their hosts (the
             # per-host bound counts leases cluster-wide): a claim cut short by it can go on
             self._wake.set()
+
+    async def _record_page_events(self, conn: AsyncConnection, chunk: list[Outcome]) -> int:
+        if not self._page_hook_jobs:
+            return 0
+        task_ids = [
+            o.task_id for o in chunk if o.page is not None and o.job_id in self._page_hook_jobs
+        ]
+        return await webhooks.record_page_events(conn, task_ids) if task_ids else 0
+
+    # ------------------------------------------------------------------ periodic work
+
+    async def _periodic(
+        self,
+        what: str,
+        interval: float,
+        work: Callable[[], Awaitable[bool]],
+        wake: asyncio.Event | None = None,
+    ) -> None:
+        """Run `work` every `interval` (sooner when `wake` is set, again at once when it
+        returns True: a full batch). Outages back off; a bug stops the worker."""
+        while True:
+            try:
+                again = await work()
+            except TRANSIENT_DB_ERRORS as error:
+                if not is_retryable_db_error(error):
+                    logger.exception("%s failed", what)
+                    raise
+                self.stats.db_errors += 1
+                logger.warning("%s failed: %s", what, _short(error))
+                again = False
+            if again:
+                await asyncio.sleep(0)
+                continue
+            if wake is None:
+                await asyncio.sleep(interval)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), interval)
+                wake.clear()
+
+    async def _webhook_loop(self) -> None:
+        """Deliver due webhook events from the outbox (any worker; SKIP LOCKED)."""
+        sender = webhooks.WebhookSender(self.settings)
+
+        async def work() -> bool:
+            claimed = await webhooks.deliver_due(self.db, sender, self.settings)
+            self.stats.webhook_attempts += claimed
+            return claimed >= self.settings.webhook_batch
+
+        try:
+            await self._periodic(
+                "webhook delivery", self.settings.webhook_poll_interval, work, self._webhook_wake
+            )
+        finally:
+            await sender.close()
+
+    async def _schedule_loop(self) -> None:
+        """Submit the jobs of due schedule ticks (exactly one run per tick, any workers)."""
+        limit = 20
+
+        async def work() -> bool:
+            if self._stopping.is_set() or self._draining:
+                return False
+            handled = await schedules.run_due(self.db, self.settings, self._guard, limit=limit)
+            self.stats.schedule_ticks += handled
+            return handled >= limit
+
+        await self._periodic("schedule ticks", self.settings.schedule_poll_interval, work)
+
+    async def _retention_loop(self) -> None:
+        """Delete expired jobs (retain_days) and old schedule run history, in batches."""
+        batch = self.settings.purge_batch_size
+
+        async def work() -> bool:
+            result = await retention.purge_expired(self.db, batch=batch, max_batches=100)
+            self.stats.purged_jobs += result.jobs
+            await schedules.prune_runs(self.db, self.settings.schedule_runs_retain_days, batch)
+            return False
+
+        await self._periodic("retention purge", self.settings.retention_interval_s, work)
 
     # ------------------------------------------------------------------ heartbeat
 
@@ -666,8 +799,19 @@ class AsyncJobExecutor:
                             {"id": self.worker_id, "n": self.outstanding},
                         )
                     ).scalar_one_or_none()
-                    if self.outstanding:
-                        await queue.renew_leases(conn, self.worker_id, self.settings.lease_seconds)
+                    held = self._held()
+                    if held:
+                        await queue.renew_leases(
+                            conn, self.worker_id, self.settings.lease_seconds, held
+                        )
+                    # leases this worker owns but does not hold (a claim whose COMMIT
+                    # answer was lost): back to the queue, not renewed forever. The age
+                    # spares a claim committing right now, whose tasks are not spawned yet.
+                    orphans = await queue.release(
+                        conn, self.worker_id, keep=held, older_than_s=max(5.0, 2 * interval)
+                    )
+                if orphans:
+                    logger.warning("returned %d leases this worker did not hold", orphans)
                 if state is None:
                     # our row was removed (purged as stale): register again
                     await self._register()
@@ -692,8 +836,18 @@ class AsyncJobExecutor:
 
     # ------------------------------------------------------------------ cancellation
 
+    def _on_webhook_notification(self, _channel: str, _payload: str) -> None:
+        self._webhook_wake.set()
+
     def _on_job_notification(self, _channel: str, payload: str) -> None:
         job_text, _, status = payload.partition(":")
+        if status != JobStatus.queued.value:
+            # a status with a webhook event: its outbox row may be waiting
+            self._webhook_wake.set()
+        else:
+            # reopened (retry, resume): its next claimed task marks it running again
+            with contextlib.suppress(ValueError):
+                self._running_jobs.discard(uuid.UUID(job_text))
         if status != JobStatus.cancelled.value:
             return
         with contextlib.suppress(ValueError):
@@ -706,25 +860,33 @@ class AsyncJobExecutor:
                 runner.cancel()
         self._running_jobs.discard(job_id)
         self._contexts.pop(job_id, None)
+        self._page_hook_jobs.discard(job_id)
 
     async def _cancel_watch_loop(self) -> None:
-        """Polling fallback for cancellation (NOTIFY may be lost or unavailable)."""
+        """Polling fallback for cancellation (NOTIFY may be lost or unavailable).
+
+        It also forgets jobs this worker believes running that no longer are (cancelled,
+        then resumed or retried): the next claim of their tasks marks them running again.
+        """
         while True:
             await asyncio.sleep(1.0)
-            jobs = list(self._by_job)
+            jobs = list(set(self._by_job) | self._running_jobs)
             if not jobs:
                 continue
             try:
                 async with self.db.connect() as conn:
                     rows = await conn.execute(
                         text(
-                            "SELECT id FROM jobs WHERE id = ANY(CAST(:ids AS uuid[])) "
-                            "AND status = 'cancelled'"
+                            "SELECT id, status FROM jobs WHERE id = ANY(CAST(:ids AS uuid[])) "
+                            "AND status <> 'running'"
                         ),
                         {"ids": jobs},
                     )
-                    for (job_id,) in rows:
-                        self._cancel_job(job_id)
+                    for job_id, status in rows:
+                        if status == JobStatus.cancelled.value:
+                            self._cancel_job(job_id)
+                        else:
+                            self._running_jobs.discard(job_id)
             except TRANSIENT_DB_ERRORS as error:
                 if not is_retryable_db_error(error):
                     logger.exception("cancel watch failed")

@@ -196,6 +196,10 @@ class CrawlRules:
         )
 
 
+# links followed from one page at most (in document order); the rest are not enqueued
+MAX_LINKS_PER_PAGE = 5_000
+
+
 class PageHandler(ScrapeHandler):
     """Scrape jobs fetch and extract; crawl jobs also honour robots.txt and follow links."""
 
@@ -238,7 +242,10 @@ class PageHandler(ScrapeHandler):
                 data = extract(document, result.final_url, ctx.compiled)
             if task.depth < rules.max_depth:
                 found = discover_links(
-                    document, result.final_url, follow_nofollow=rules.follow_nofollow
+                    document,
+                    result.final_url,
+                    follow_nofollow=rules.follow_nofollow,
+                    limit=MAX_LINKS_PER_PAGE,
                 )
                 links = self._in_scope(rules, found, task.depth + 1)
         if task.depth == 0 and rules.sitemaps and result.ok:

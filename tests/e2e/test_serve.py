@@ -6,10 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
-import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -18,70 +14,9 @@ import pytest
 from app.database.embedded import EmbeddedPostgres
 from app.database.migrations import head_revision
 from tests.e2e.conftest import clean_env, trawler_command
+from tests.support.workers import Served, serve_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
-
-READY_TIMEOUT_S = 60.0
-EXIT_TIMEOUT_S = 30.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class Served:
-    def __init__(self, proc: asyncio.subprocess.Process, base_url: str, log: Path) -> None:
-        self.proc, self.base_url, self.log = proc, base_url, log
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-    async def wait_ready(self, client: httpx.AsyncClient) -> float:
-        started = time.perf_counter()
-        while time.perf_counter() - started < READY_TIMEOUT_S:
-            assert self.proc.returncode is None, f"trawler serve exited:\n{self.output()}"
-            try:
-                response = await client.get(f"{self.base_url}/health/ready")
-                if response.status_code == 200:
-                    return time.perf_counter() - started
-            except httpx.TransportError:
-                pass  # not listening yet
-            await asyncio.sleep(0.2)
-        raise AssertionError(f"not ready after {READY_TIMEOUT_S:.0f}s:\n{self.output()}")
-
-    async def terminate(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return await asyncio.wait_for(self.proc.wait(), EXIT_TIMEOUT_S)
-
-
-@asynccontextmanager
-async def _serve(tmp_path: Path, env: dict[str, str]) -> AsyncIterator[Served]:
-    port = _free_port()
-    log = tmp_path / "serve.log"
-    with log.open("wb") as sink:
-        proc = await asyncio.create_subprocess_exec(
-            *trawler_command(),
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            cwd=tmp_path,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=sink,
-            stderr=sink,
-        )
-    served = Served(proc, f"http://127.0.0.1:{port}", log)
-    try:
-        yield served
-    finally:
-        if proc.returncode is None:  # the test failed before its own SIGTERM
-            proc.kill()
-            await proc.wait()
 
 
 async def _check_running_service(served: Served) -> dict[str, object]:
@@ -108,7 +43,7 @@ async def test_serve_on_external_database(tmp_path: Path, fresh_database: str) -
         TRAWLER_DATABASE_URL=fresh_database,
         TRAWLER_DATA_DIR=str(tmp_path / "data"),
     )
-    async with _serve(tmp_path, env) as served:
+    async with serve_process(tmp_path, env) as served:
         await _check_running_service(served)
         code = await served.terminate()
         assert code == 0, f"exit status {code}:\n{served.output()}"
@@ -120,7 +55,7 @@ async def test_serve_on_embedded_database(tmp_path: Path) -> None:
     env = clean_env(TRAWLER_DATA_DIR=str(data_dir), TRAWLER_LOG_FORMAT="json")
     embedded = EmbeddedPostgres(data_dir)
     try:
-        async with _serve(tmp_path, env) as served:
+        async with serve_process(tmp_path, env) as served:
             await _check_running_service(served)
             assert embedded.is_running()
             # a CLI run beside it joins the same server and leaves it running

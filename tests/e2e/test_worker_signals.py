@@ -6,48 +6,11 @@ import asyncio
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 from app.database.connection import ConnectionManager
-from tests.e2e.conftest import clean_env, trawler_command
 from tests.support.jobs import create_job, job_row, pages_of, task_counts
 from tests.support.site import LocalSite
-
-
-@asynccontextmanager
-async def worker_process(db_url: str, **env: str) -> AsyncIterator[asyncio.subprocess.Process]:
-    process = await asyncio.create_subprocess_exec(
-        *trawler_command(),
-        "worker",
-        env=clean_env(
-            TRAWLER_DATABASE_URL=db_url,
-            TRAWLER_ALLOW_PRIVATE_NETWORKS="true",
-            TRAWLER_HEARTBEAT_SECONDS="0.5",
-            TRAWLER_WORKER_STALE_SECONDS="2",
-            TRAWLER_POLL_INTERVAL="0.2",
-            TRAWLER_LOG_LEVEL="WARNING",
-            **env,
-        ),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        yield process
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-
-
-async def wait_for(predicate_coro, timeout: float) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await predicate_coro():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError("condition not reached in time")
+from tests.support.workers import wait_until, worker_process
 
 
 async def leased(db: ConnectionManager, job_id: uuid.UUID) -> int:
@@ -61,7 +24,7 @@ async def test_sigterm_drains_and_returns_leases(db_url: str, db: ConnectionMana
             db, [site.url(f"/page/{n}") for n in range(10)], options={"timeout_s": 60}
         )
         async with worker_process(db_url, TRAWLER_SHUTDOWN_GRACE="1") as worker:
-            await wait_for(lambda: _equals(leased(db, job_id), 10), timeout=30)
+            await wait_until(lambda: _equals(leased(db, job_id), 10), 30, "10 leased")
             started = time.monotonic()
             worker.send_signal(signal.SIGTERM)
             code = await asyncio.wait_for(worker.wait(), 15)
@@ -80,12 +43,12 @@ async def test_sigkill_loses_nothing(db_url: str, db: ConnectionManager) -> None
             db, [site.url(f"/page/{n}") for n in range(20)], options={"timeout_s": 60}
         )
         async with worker_process(db_url) as victim:
-            await wait_for(lambda: _equals(leased(db, job_id), 20), timeout=30)
+            await wait_until(lambda: _equals(leased(db, job_id), 20), 30, "20 leased")
             victim.kill()  # SIGKILL: no drain, no release, no deregistration
             await victim.wait()
         site.delay = 0
         async with worker_process(db_url) as survivor:
-            await wait_for(lambda: _terminal(db, job_id), timeout=40)
+            await wait_until(lambda: _terminal(db, job_id), 40, "job terminal")
             survivor.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(survivor.wait(), 15) == 0
     row = await job_row(db, job_id)

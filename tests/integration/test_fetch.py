@@ -8,7 +8,6 @@ import json
 import socket
 import time
 import tracemalloc
-import zlib
 from collections.abc import AsyncIterator
 from email.utils import formatdate
 from urllib.parse import urlencode
@@ -19,7 +18,8 @@ from yarl import URL
 
 from app.scraper.fetch import Fetcher, FetchResult, decode_body, parse_retry_after
 from app.scraper.ssrf import SSRFGuard
-from tests.integration.fetch_servers import Handler, LocalServer, serve, serve_raw
+from tests.support.hostile import gzip_bomb as compressed_zeros
+from tests.support.servers import Handler, LocalServer, serve, serve_raw
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -127,14 +127,7 @@ async def huge_declared(_: web.Request) -> web.Response:
     return raw(b"b" * (11 * MiB), "text/html")
 
 
-def _bomb(size: int) -> bytes:
-    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip container
-    block = b"\0" * MiB
-    parts = [compressor.compress(block) for _ in range(size // MiB)]
-    return b"".join([*parts, compressor.flush()])
-
-
-BOMB = _bomb(200 * MiB)
+BOMB = compressed_zeros(200 * MiB)
 
 
 async def gzip_bomb(_: web.Request) -> web.Response:

@@ -12,123 +12,24 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Literal
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 
 from app.api.deps import SessionDep
 from app.config import Settings
 from app.main import create_app
 from tests.conftest import make_settings
-
-Cut = Literal["refuse", "blackhole", "freeze"]
-Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+from tests.support.db_proxy import Cut, Proxy, proxied_url, upstream_opener
 
 pytestmark = pytest.mark.slow
 
 # The issue's bound for every health answer while the database is unreachable.
 HEALTH_BOUND_S = 2.0
 RECOVERY_BOUND_S = 15.0
-
-
-class Proxy:
-    """Forwards 127.0.0.1:<port> to the database server; can be cut and restored."""
-
-    def __init__(self, open_upstream: Callable[[], Awaitable[Streams]]) -> None:
-        self._open_upstream = open_upstream
-        self.mode: Cut | Literal["up"] = "up"
-        self.port = 0
-        self.accepted = 0
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def cut(self, mode: Cut) -> None:
-        self.mode = mode
-        if mode == "freeze":
-            return  # the pipes stop forwarding; nothing is closed
-        self._drop_all()
-        if mode == "refuse" and self._server is not None:
-            # nothing listens on the port any more: connects get RST (ECONNREFUSED)
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-
-    async def restore(self) -> None:
-        self.mode = "up"
-        self._drop_all()  # the black-holed connections, so clients see them fail
-        if self._server is None:
-            await self.start()  # same port: the app's URL does not change
-
-    async def close(self) -> None:
-        self._drop_all()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-
-    def _drop_all(self) -> None:
-        for writer in list(self._writers):
-            writer.transport.abort()
-        self._writers.clear()
-
-    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-        try:
-            while data := await source.read(65536):
-                if self.mode == "up":
-                    sink.write(data)
-                    await sink.drain()
-        except OSError:
-            pass  # a reset on either side ends this direction; the other one follows
-        finally:
-            sink.transport.abort()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.accepted += 1
-        self._writers.add(writer)
-        upstream: asyncio.StreamWriter | None = None
-        try:
-            if self.mode != "up":
-                # accept and swallow: the client waits for an answer that never comes
-                while await reader.read(65536):
-                    pass
-                return
-            up_reader, upstream = await self._open_upstream()
-            self._writers.add(upstream)
-            await asyncio.gather(self._pipe(reader, upstream), self._pipe(up_reader, writer))
-        except OSError:
-            return  # the upstream refused or a side reset: the client sees its socket close
-        finally:
-            for w in (writer, upstream):
-                if w is not None:
-                    self._writers.discard(w)
-                    w.transport.abort()
-
-
-def _upstream_opener(server_url: str) -> Callable[[], Awaitable[Streams]]:
-    url = make_url(server_url)
-    socket_dir = url.query.get("host")
-    if isinstance(socket_dir, str) and socket_dir.startswith("/"):
-        path = f"{socket_dir}/.s.PGSQL.{url.port or 5432}"  # embedded test server
-
-        async def _unix() -> Streams:
-            return await asyncio.open_unix_connection(path)
-
-        return _unix
-    host, port = url.host or "127.0.0.1", url.port or 5432
-
-    async def _tcp() -> Streams:
-        return await asyncio.open_connection(host, port)
-
-    return _tcp
 
 
 async def _db_roundtrip(session: SessionDep) -> dict[str, int]:
@@ -139,7 +40,7 @@ async def _db_roundtrip(session: SessionDep) -> dict[str, int]:
 
 @pytest.fixture
 async def proxy(pg_server: str) -> AsyncIterator[Proxy]:
-    p = Proxy(_upstream_opener(pg_server))
+    p = Proxy(upstream_opener(pg_server))
     await p.start()
     yield p
     await p.close()
@@ -147,14 +48,8 @@ async def proxy(pg_server: str) -> AsyncIterator[Proxy]:
 
 @pytest.fixture
 def proxied_settings(db_url: str, proxy: Proxy) -> Settings:
-    url = (
-        make_url(db_url)
-        .set(host="127.0.0.1", port=proxy.port)
-        .difference_update_query(["host"])
-        .render_as_string(hide_password=False)
-    )
     return make_settings(
-        url,
+        proxied_url(db_url, proxy.port),
         pool_size=2,
         max_overflow=1,
         pool_timeout=1.0,

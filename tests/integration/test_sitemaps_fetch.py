@@ -11,7 +11,7 @@ from aiohttp import web
 from app.scraper.fetch import Fetcher
 from app.scraper.sitemaps import collect_sitemap_urls
 from app.scraper.ssrf import SSRFGuard
-from tests.integration.fetch_servers import Handler, LocalServer, serve
+from tests.support.servers import Handler, LocalServer, serve
 
 pytestmark = pytest.mark.timeout(20)
 

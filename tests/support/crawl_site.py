@@ -34,6 +34,8 @@ class CrawlSite(ServedSite):
         self.starts: list[tuple[float, str]] = []
         self.active = 0
         self.max_active = 0
+        # paths being answered right now (a fetch in flight, as the server sees it)
+        self.in_flight: Counter[str] = Counter()
         super().__init__()
         self.app.router.add_get("/robots.txt", self.robots_txt)
         self.app.router.add_get("/sitemap.xml", self.sitemap_xml)
@@ -85,12 +87,16 @@ class CrawlSite(ServedSite):
         self.starts.append((asyncio.get_running_loop().time(), path))
         self.active += 1
         self.max_active = max(self.max_active, self.active)
+        self.in_flight[path] += 1
         try:
             if self.delay:
                 await self._sleep(self.delay)
             return web.Response(text=self._html(path), content_type="text/html")
         finally:
             self.active -= 1
+            self.in_flight[path] -= 1
+            if not self.in_flight[path]:
+                del self.in_flight[path]
 
     def _html(self, path: str) -> str:
         links: list[str] = []

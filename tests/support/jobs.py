@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from typing import Any
 
@@ -76,6 +78,42 @@ async def task_counts(db: ConnectionManager, job_id: uuid.UUID) -> dict[str, int
     async with db.connect() as conn:
         rows = await conn.execute(
             text("SELECT status, count(*) FROM tasks WHERE job_id = :id GROUP BY status"),
+            {"id": job_id},
+        )
+        return {r[0]: r[1] for r in rows}
+
+
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+async def wait_terminal(
+    db: ConnectionManager, job_id: uuid.UUID, timeout: float = 30.0
+) -> dict[str, Any]:
+    """The job row once its status is terminal; fails after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    row = await job_row(db, job_id)
+    while row["status"] not in TERMINAL:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job still {row['status']} after {timeout:.0f}s: {row}")
+        await asyncio.sleep(0.1)
+        row = await job_row(db, job_id)
+    return row
+
+
+async def scalar(db: ConnectionManager, statement: str, **params: Any) -> Any:
+    """One value from one statement (committed state, on a connection of its own)."""
+    async with db.connect() as conn:
+        return (await conn.execute(text(statement), params)).scalar_one()
+
+
+async def pages_stored_twice(db: ConnectionManager, job_id: uuid.UUID) -> dict[str, int]:
+    """URLs of the job with more than one stored page (must be empty: stored exactly once)."""
+    async with db.connect() as conn:
+        rows = await conn.execute(
+            text(
+                "SELECT url, count(*) FROM pages WHERE job_id = :id "
+                "GROUP BY url HAVING count(*) > 1"
+            ),
             {"id": job_id},
         )
         return {r[0]: r[1] for r in rows}

@@ -230,3 +230,10 @@ def test_fast_on_a_15kb_page_with_20_links() -> None:
         best_total = min(best_total, (time.perf_counter() - started) / rounds)
     assert best_links < 0.0005, f"{best_links * 1e6:.0f} us per page on a parsed tree"
     assert best_total < 0.001, f"{best_total * 1e6:.0f} us per page including the parse"
+
+
+def test_links_are_capped_per_page_in_document_order() -> None:
+    html = "".join(f'<a href="/p/{n}">{n}</a>' for n in range(1000))
+    links = discover_links(html, "http://example.com/", limit=10)
+    assert links == [f"http://example.com/p/{n}" for n in range(10)]
+    assert len(discover_links(html, "http://example.com/")) == 1000

@@ -36,6 +36,7 @@ _QUEUE_SQL = text(
     SELECT
       (SELECT count(*) FROM tasks WHERE status = 'queued') AS queued,
       (SELECT count(*) FROM tasks WHERE status = 'leased') AS leased,
+      coalesce((SELECT paused FROM cluster_state WHERE id = 1), false) AS paused,
       (SELECT count(*) FROM workers
         WHERE state <> 'stopped' AND heartbeat_at > now() - make_interval(secs => :stale))
         AS live,
@@ -68,7 +69,7 @@ async def _queue(db: ConnectionManager, limit: float) -> dict[str, Any]:
         await conn.execute(text(f"SET LOCAL statement_timeout = {ms}"))
         row = (await conn.execute(_QUEUE_SQL, {"stale": stale})).mappings().one()
         return {
-            "queue": {"queued": row["queued"], "leased": row["leased"]},
+            "queue": {"queued": row["queued"], "leased": row["leased"], "paused": row["paused"]},
             "workers": {"live": row["live"], "stale": row["stale"]},
         }
 
@@ -135,6 +136,8 @@ async def health(db: DbDep) -> JSONResponse:
     queue, workers = figures["queue"], figures["workers"]
     if queue and workers and queue["queued"] and not workers["live"]:
         problems.append("tasks queued but no live worker")
+    if queue and queue["paused"]:
+        problems.append("claiming is paused (POST /api/v1/admin/queue/resume)")
     body.update(
         status="degraded" if problems else "ok",
         problems=problems,

@@ -1,4 +1,4 @@
-"""Job routes: list, read, pages, progress stream, cancel, retry, delete, bulk."""
+"""Job routes: list, read, pages, progress stream, cancel, retry, resume, delete, bulk."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import DbDep, PageParamsDep, PrincipalDep, SessionDep
+from app.api.deps import DbDep, PageParamsDep, PrincipalDep, SessionDep, SettingsDep
 from app.api.errors import NotFound
 from app.api.resources import JobEventsDep
 from app.api.routes.common import (
@@ -30,7 +30,7 @@ from app.api.schemas import (
     PagePublic,
 )
 from app.database.models import JobKind
-from app.services import events, jobs
+from app.services import admin, events, jobs
 
 router = APIRouter(prefix=f"{API_PREFIX}/jobs", tags=["jobs"])
 
@@ -67,10 +67,15 @@ async def list_jobs(
 
 @router.post("/bulk", response_model=BulkResultPublic)
 async def bulk_jobs(
-    body: BulkJobsCreate, session: SessionDep, principal: PrincipalDep
+    body: BulkJobsCreate, session: SessionDep, principal: PrincipalDep, settings: SettingsDep
 ) -> BulkResultPublic:
-    """cancel, delete or retry up to 1,000 jobs; an outcome per id (ok/not_found/conflict)."""
-    return await jobs.bulk(session, principal.tenant, body.action, body.ids)
+    """cancel, delete or retry up to 1,000 jobs; an outcome per id (ok/not_found/conflict).
+
+    retry counts every id against the tenant's active-jobs limit (429 when over)."""
+    if body.action != "retry":
+        return await jobs.bulk(session, principal.tenant, body.action, body.ids)
+    async with admin.admitted(session, settings, principal.tenant, jobs=len(set(body.ids))):
+        return await jobs.bulk(session, principal.tenant, body.action, body.ids)
 
 
 @router.get("/{job_id}", response_model=JobPublic)
@@ -136,9 +141,23 @@ async def cancel_job(job_id: uuid.UUID, session: SessionDep, principal: Principa
 
 
 @router.post("/{job_id}/retry", response_model=JobPublic)
-async def retry_job(job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep) -> JobPublic:
-    """Re-queue the failed tasks of a finished job; 409 while it runs or if none failed."""
-    return await jobs.retry_job(session, principal.tenant, job_id)
+async def retry_job(
+    job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep, settings: SettingsDep
+) -> JobPublic:
+    """Re-queue the failed tasks of a finished job; 409 while it runs or if none failed;
+    429 when the tenant is at its limits."""
+    async with admin.admitted(session, settings, principal.tenant):
+        return await jobs.retry_job(session, principal.tenant, job_id)
+
+
+@router.post("/{job_id}/resume", response_model=JobPublic)
+async def resume_job(
+    job_id: uuid.UUID, session: SessionDep, principal: PrincipalDep, settings: SettingsDep
+) -> JobPublic:
+    """Continue a cancelled job from where it stopped (a crawl from its frontier): its
+    cancelled tasks are queued again; 409 unless cancelled; 429 at the tenant's limits."""
+    async with admin.admitted(session, settings, principal.tenant):
+        return await jobs.resume_job(session, principal.tenant, job_id)
 
 
 @router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response)

@@ -19,7 +19,7 @@ from app.api.schemas import (
 )
 from app.config import Settings
 from app.scraper.ssrf import SSRFGuard
-from app.services import jobs, preview
+from app.services import admin, jobs, preview
 
 router = APIRouter(prefix=API_PREFIX, tags=["scraper"])
 
@@ -81,14 +81,18 @@ async def _submit(
     settings: Settings,
     idempotency_key: str | None,
 ) -> JobPublic:
-    job, created = await jobs.submit_job(
-        session,
-        tenant,
-        body,
-        guard=guard,
-        idempotency_key=check_idempotency_key(idempotency_key),
-        default_host_limit=settings.per_host_concurrency,
-    )
+    key = check_idempotency_key(idempotency_key)
+    # the tenant's limits (429); the submission is one statement that commits by itself
+    async with admin.admitted(session, settings, tenant, autocommit=True):
+        job, created = await jobs.submit_job(
+            session,
+            tenant,
+            body,
+            guard=guard,
+            idempotency_key=key,
+            default_host_limit=settings.per_host_concurrency,
+            default_retain_days=settings.default_retain_days,
+        )
     response.headers["Location"] = job_location(job.id)
     if not created:
         response.status_code = status.HTTP_200_OK
@@ -98,7 +102,14 @@ async def _submit(
 
 @router.post("/scrape/preview", response_model=PreviewPublic)
 async def scrape_preview(
-    body: PreviewCreate, _principal: PrincipalDep, fetcher: FetcherDep, guard: GuardDep
+    body: PreviewCreate,
+    principal: PrincipalDep,
+    fetcher: FetcherDep,
+    guard: GuardDep,
+    session: SessionDep,
+    settings: SettingsDep,
 ) -> PreviewPublic:
     """Fetch and extract one URL now, within options.timeout_s; nothing is stored."""
+    # counts against the tenant's submission rate (a fetch on its behalf), creates no job
+    await admin.check_rate(session, settings, principal.tenant)
     return await preview.preview(fetcher, guard, body)

@@ -1,4 +1,4 @@
-"""Real aiohttp.web servers on loopback addresses for the fetcher tests."""
+"""Real aiohttp.web servers (and bare TCP ones) on loopback addresses, observing what they serve."""
 
 from __future__ import annotations
 
