@@ -46,6 +46,7 @@ _CONTENT: dict[str, dict[str, object]] = {m: {} for m in export_service.MEDIA_TY
 @router.get(
     "/jobs/{job_id}",
     response_class=ExportResponse,
+    status_code=200,  # FastAPI cannot read it off ExportResponse's signature
     responses={200: {"content": _CONTENT, "description": "the file, streamed"}},
 )
 async def export_job(
