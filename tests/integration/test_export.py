@@ -856,3 +856,11 @@ async def test_database_outage_is_a_fast_503_and_a_broken_stream_fails_loudly(
     response = await export(client, job_id, auth_headers, format="json", fields="url")
     assert response.status_code == 200
     assert len(json.loads(response.content)) == 20_001
+
+
+async def test_openapi_documents_the_export_route(client: httpx.AsyncClient) -> None:
+    response = await client.get("/openapi.json")
+    assert response.status_code == 200
+    operation = response.json()["paths"]["/api/v1/export/jobs/{job_id}"]["get"]
+    assert {p["name"] for p in operation["parameters"]} >= {"job_id", "format", "fields", "status"}
+    assert set(operation["responses"]["200"]["content"]) == set(export_service.MEDIA_TYPES.values())
