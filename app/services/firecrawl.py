@@ -391,12 +391,7 @@ def _follow_patterns(body: CrawlIn, seed: str) -> tuple[list[str], list[str]]:
     include: list[str] = []
     for pattern in body.include_paths or []:
         if full:
-            try:
-                re.compile(pattern)
-            except re.error as error:
-                raise BadRequest(
-                    f"includePaths: invalid regular expression {pattern!r}: {error}"
-                ) from None
+            _check_regex(pattern, "includePaths")
             include.append(f"^(?={_URL_HEAD}{below}).*?(?:{pattern})" if below else pattern)
         else:
             translated = path_pattern(pattern, field="includePaths")
@@ -406,12 +401,7 @@ def _follow_patterns(body: CrawlIn, seed: str) -> tuple[list[str], list[str]]:
     exclude: list[str] = []
     for pattern in body.exclude_paths or []:
         if full:
-            try:
-                re.compile(pattern)
-            except re.error as error:
-                raise BadRequest(
-                    f"excludePaths: invalid regular expression {pattern!r}: {error}"
-                ) from None
+            _check_regex(pattern, "excludePaths")
             exclude.append(pattern)
         else:
             exclude.append(path_pattern(pattern, field="excludePaths"))
@@ -420,6 +410,13 @@ def _follow_patterns(body: CrawlIn, seed: str) -> tuple[list[str], list[str]]:
         base_depth = len([part for part in seed_path.split("/") if part])
         exclude.append(f"{_URL_HEAD}(?:/+[^/?#]+){{{base_depth + body.max_depth + 1}}}")
     return include, exclude
+
+
+def _check_regex(pattern: str, field: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise BadRequest(f"{field}: invalid regular expression {pattern!r}: {error}") from None
 
 
 def guarded(url: str, guard: SSRFGuard) -> str:

@@ -13,7 +13,9 @@ from app.config import Settings
 from app.database.connection import ConnectionManager
 from app.main import create_app
 from app.services import apikeys
+from app.utils.executor import AsyncJobExecutor
 from tests.conftest import make_settings
+from tests.support.executors import stop_all
 
 Headers = dict[str, str]
 
@@ -94,3 +96,12 @@ def sql(db: ConnectionManager) -> SqlRun:
             return list(result.all()) if result.returns_rows else []
 
     return _run
+
+
+@pytest.fixture
+async def executors(db_url: str) -> AsyncIterator[list[AsyncJobExecutor]]:
+    """Executors started by a test (tests.support.executors.start_executor), stopped after,
+    before the test's database is dropped (hence the dependency on db_url)."""
+    started: list[AsyncJobExecutor] = []
+    yield started
+    await stop_all(started)

@@ -6,7 +6,6 @@ import asyncio
 import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -18,6 +17,7 @@ from app.database.connection import ConnectionManager
 from app.utils.executor import AsyncJobExecutor
 from tests.conftest import make_settings
 from tests.support.crawl_site import CrawlSite
+from tests.support.executors import start_executor
 from tests.support.jobs import job_row, pages_of
 
 
@@ -26,26 +26,10 @@ def worker_settings(db_url: str) -> Settings:
     return make_settings(db_url, retry_base_s=0.05, worker_stale_seconds=3.0, worker_concurrency=16)
 
 
-@pytest.fixture
-async def executors() -> AsyncIterator[list[AsyncJobExecutor]]:
-    started: list[AsyncJobExecutor] = []
-    yield started
-    for ex in started:
-        await ex.stop(grace=1.0)
-        await ex.db.dispose()
-
-
 async def start_executors(
     settings: Settings, started: list[AsyncJobExecutor], n: int = 1
 ) -> list[AsyncJobExecutor]:
-    new = []
-    for _ in range(n):
-        db = ConnectionManager(settings, application_name="trawler-worker")
-        ex = AsyncJobExecutor(db, settings)
-        await ex.start()
-        started.append(ex)
-        new.append(ex)
-    return new
+    return [await start_executor(settings, started) for _ in range(n)]
 
 
 async def submit_crawl(

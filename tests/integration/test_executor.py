@@ -14,6 +14,7 @@ from app.config import Settings
 from app.database.connection import ConnectionManager
 from app.utils.executor import AsyncJobExecutor
 from tests.conftest import make_settings
+from tests.support.executors import start_executor
 from tests.support.jobs import create_job, job_row, pages_of, task_counts
 from tests.support.site import LocalSite
 
@@ -43,26 +44,6 @@ def worker_settings(db_url: str) -> Settings:
 
 
 ExecutorFactory = Callable[..., "asyncio.Future[AsyncJobExecutor]"]
-
-
-@pytest.fixture
-async def executors(worker_settings: Settings) -> AsyncIterator[list[AsyncJobExecutor]]:
-    """Started executors are appended here by tests and stopped afterwards."""
-    started: list[AsyncJobExecutor] = []
-    yield started
-    for ex in started:
-        await ex.stop(grace=1.0)
-        await ex.db.dispose()
-
-
-async def start_executor(
-    settings: Settings, started: list[AsyncJobExecutor], **kwargs: object
-) -> AsyncJobExecutor:
-    db = ConnectionManager(settings, application_name="trawler-worker")
-    ex = AsyncJobExecutor(db, settings, **kwargs)  # type: ignore[arg-type]
-    await ex.start()
-    started.append(ex)
-    return ex
 
 
 async def wait_terminal(db: ConnectionManager, job_id: uuid.UUID, timeout: float = 30) -> dict:

@@ -21,6 +21,7 @@ from app.scraper.ssrf import SSRFGuard
 from app.services import schedules
 from app.utils.executor import AsyncJobExecutor
 from tests.conftest import make_settings
+from tests.support import executors as executors_support
 from tests.support.jobs import scalar
 
 Headers = dict[str, str]
@@ -33,23 +34,9 @@ def settings(db_url: str) -> Settings:
     return make_settings(db_url, schedule_min_interval_s=1, schedule_poll_interval=0.05)
 
 
-@pytest.fixture
-async def executors() -> AsyncIterator[list[AsyncJobExecutor]]:
-    started: list[AsyncJobExecutor] = []
-    yield started
-    for ex in started:
-        await ex.stop(grace=1.0)
-        await ex.db.dispose()
-
-
 async def start_executor(settings: Settings, started: list[AsyncJobExecutor]) -> AsyncJobExecutor:
     # no claiming of the submitted jobs' tasks matters here: their URL is unreachable
-    ex = AsyncJobExecutor(
-        ConnectionManager(settings, application_name="trawler-worker"), settings, listen=False
-    )
-    await ex.start()
-    started.append(ex)
-    return ex
+    return await executors_support.start_executor(settings, started, listen=False)
 
 
 async def create(client: httpx.AsyncClient, headers: Headers, **body: Any) -> dict[str, Any]:
@@ -91,6 +78,11 @@ async def test_every_minute_schedule_runs_once_per_tick_with_two_workers(
     settings: Settings,
     executors: list[AsyncJobExecutor],
 ) -> None:
+    # not near a minute boundary: the schedule's first real tick must not come due (and
+    # be run by the workers) before the test has moved it three minutes back
+    now = datetime.now(UTC)
+    if now.second >= 45:
+        await asyncio.sleep(61 - now.second)
     before = datetime.now(UTC)
     schedule = await create(client, auth_headers, cron="* * * * *")
     first = datetime.fromisoformat(schedule["next_run_at"])
@@ -104,9 +96,6 @@ async def test_every_minute_schedule_runs_once_per_tick_with_two_workers(
     # the workers were down for three minutes: the three missed ticks and the current one
     # fold into a single run (the documented policy), then the schedule continues from now
     current = datetime.now(UTC).replace(second=0, microsecond=0)
-    if datetime.now(UTC) - current > timedelta(seconds=55):
-        await asyncio.sleep(6)  # not across a minute boundary while asserting
-        current = datetime.now(UTC).replace(second=0, microsecond=0)
     await set_next_run(db, schedule["id"], current - timedelta(minutes=3))
     # and a burst of extra claimers racing the two workers' loops for the same tick
     guard = SSRFGuard(allow_private=True)

@@ -23,6 +23,7 @@ from app.services import state
 from app.services.webhooks import verify_signature
 from app.utils.executor import AsyncJobExecutor
 from tests.conftest import make_settings
+from tests.support.executors import start_executor
 from tests.support.jobs import create_job, scalar, wait_terminal
 from tests.support.site import LocalSite
 from tests.support.webhook_receiver import WebhookReceiver
@@ -62,22 +63,6 @@ async def site() -> AsyncIterator[LocalSite]:
 async def receiver() -> AsyncIterator[WebhookReceiver]:
     async with WebhookReceiver().serve() as r:
         yield r
-
-
-@pytest.fixture
-async def executors() -> AsyncIterator[list[AsyncJobExecutor]]:
-    started: list[AsyncJobExecutor] = []
-    yield started
-    for ex in started:
-        await ex.stop(grace=1.0)
-        await ex.db.dispose()
-
-
-async def start_executor(settings: Settings, started: list[AsyncJobExecutor]) -> AsyncJobExecutor:
-    ex = AsyncJobExecutor(ConnectionManager(settings, application_name="trawler-worker"), settings)
-    await ex.start()
-    started.append(ex)
-    return ex
 
 
 async def submit(client: httpx.AsyncClient, headers: Headers, **body: Any) -> str:
