@@ -62,6 +62,8 @@ from app.utils.handlers import (
 
 logger = logging.getLogger(__name__)
 
+STORED_LINKS_PER_JOB = 50_000
+
 # Errors that mean "the database is briefly unreachable": the loops back off and go on.
 # (The asyncpg ones come from the hot statements sent straight to the driver.)
 TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
@@ -284,6 +286,8 @@ class AsyncJobExecutor:
         self._by_job: dict[uuid.UUID, set[int]] = defaultdict(set)
         self._unflushed: set[int] = set()
         self._fetching: set[int] = set()  # in-flight tasks past their slot and host gate
+        # per crawl job: canonical links whose enqueue this worker committed (bounded)
+        self._links_stored: dict[uuid.UUID, set[str]] = {}
         self._contexts: OrderedDict[uuid.UUID, JobContext] = OrderedDict()
         self._running_jobs: set[uuid.UUID] = set()
         self._gates: dict[str, HostGate] = {}
@@ -536,6 +540,7 @@ class AsyncJobExecutor:
         while len(self._contexts) > 1000:
             evicted, _ = self._contexts.popitem(last=False)
             self._page_hook_jobs.discard(evicted)
+            self._links_stored.pop(evicted, None)
 
     def _spawn(self, task: ClaimedTask) -> None:
         with log_context(job_id=task.job_id):
@@ -641,6 +646,12 @@ class AsyncJobExecutor:
     # ------------------------------------------------------------------ writing
 
     def _record(self, outcome: Outcome) -> None:
+        if outcome.links:
+            # links this worker already stored for the job need not go to the database
+            # again (its unique index stays the authority for everyone else's)
+            stored = self._links_stored.get(outcome.job_id)
+            if stored:
+                outcome.links = [link for link in outcome.links if link[0] not in stored]
         if outcome.state == "retry":
             self.stats.retried += 1
         elif outcome.state == "failed":
@@ -691,8 +702,14 @@ class AsyncJobExecutor:
             self.stats.completed += sum(1 for o in chunk if o.state != "retry")
             for outcome in chunk:
                 self._unflushed.discard(outcome.task_id)
+                if outcome.links:
+                    stored = self._links_stored.setdefault(outcome.job_id, set())
+                    if len(stored) >= STORED_LINKS_PER_JOB:
+                        stored.clear()
+                    stored.update(url for url, _ in outcome.links)
             for job_id in finished:
                 self._running_jobs.discard(job_id)
+                self._links_stored.pop(job_id, None)
                 self.finished_jobs.put_nowait(job_id)
             if any(o.state == "retry" for o in chunk):
                 self._more_work = True
@@ -861,6 +878,7 @@ class AsyncJobExecutor:
         self._running_jobs.discard(job_id)
         self._contexts.pop(job_id, None)
         self._page_hook_jobs.discard(job_id)
+        self._links_stored.pop(job_id, None)
 
     async def _cancel_watch_loop(self) -> None:
         """Polling fallback for cancellation (NOTIFY may be lost or unavailable).
