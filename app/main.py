@@ -29,6 +29,9 @@ from app.database.connection import ConnectionManager, is_unavailable
 from app.database.embedded import EmbeddedPostgres
 from app.database.migrations import upgrade_to_head
 from app.services.metrics import HttpMetrics, ObservabilityMiddleware
+from app.ui import STATIC_PREFIX as UI_STATIC_PREFIX
+from app.ui import router as ui_router
+from app.ui import static_files as ui_static_files
 
 logger = logging.getLogger(__name__)
 
@@ -135,4 +138,7 @@ def create_app(
     app.include_router(metrics.router)
     # Firecrawl-compatible API at /v1 and /v2 (its SDKs drop any path prefix)
     app.include_router(firecrawl.router)
+    # the web dashboard at /ui (server-rendered; its vendored files at /ui/static)
+    app.include_router(ui_router)
+    app.mount(UI_STATIC_PREFIX, ui_static_files(), name="ui-static")
     return app
