@@ -19,7 +19,7 @@ from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.deps import DbDep, PrincipalDep, SessionDep, SettingsDep
-from app.api.errors import TrawlerError, unavailable_detail
+from app.api.errors import TrawlerError, allowed_methods, unavailable_detail
 from app.api.resources import FetcherDep, GuardDep
 from app.api.routes.common import check_idempotency_key
 from app.database.connection import UNAVAILABLE_ERRORS, is_unavailable
@@ -137,24 +137,8 @@ async def _start_crawl(
 
 
 @router.post("/v2/crawl", response_model=None)
-async def crawl_v2(
-    body: fc.CrawlIn,
-    request: Request,
-    session: SessionDep,
-    principal: PrincipalDep,
-    guard: GuardDep,
-    settings: SettingsDep,
-    x_key: IdempotencyHeader = None,
-    key: IdempotencyKeyHeader = None,
-) -> Response:
-    """Start a crawl: {success, id, url}."""
-    return await _start_crawl(
-        "v2", body, request, session, principal, guard, settings, x_key or key
-    )
-
-
 @router.post("/v1/crawl", response_model=None)
-async def crawl_v1(
+async def crawl(
     body: fc.CrawlIn,
     request: Request,
     session: SessionDep,
@@ -164,10 +148,9 @@ async def crawl_v1(
     x_key: IdempotencyHeader = None,
     key: IdempotencyKeyHeader = None,
 ) -> Response:
-    """Start a crawl (v1 options: maxDepth counts path segments): {success, id, url}."""
-    return await _start_crawl(
-        "v1", body, request, session, principal, guard, settings, x_key or key
-    )
+    """Start a crawl: {success, id, url} (v1 options: maxDepth counts path segments)."""
+    api: fc.Api = "v1" if request.url.path.startswith("/v1/") else "v2"
+    return await _start_crawl(api, body, request, session, principal, guard, settings, x_key or key)
 
 
 @router.get("/v2/crawl/active", response_model=None)
@@ -311,6 +294,11 @@ _METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 @router.api_route("/v1/{rest:path}", methods=_METHODS, include_in_schema=False)
 @router.api_route("/v2/{rest:path}", methods=_METHODS, include_in_schema=False)
 async def not_implemented(request: Request) -> Response:
+    allowed = allowed_methods(request)
+    if allowed is not None:  # a route of the API, asked with another method
+        return error_answer(
+            405, f"{request.method} is not allowed here; use {allowed}", {"Allow": allowed}
+        )
     return error_answer(
         404,
         f"{request.method} {request.url.path} is not part of Trawler's Firecrawl-compatible "
