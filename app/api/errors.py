@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -101,13 +102,62 @@ _UNAVAILABLE = UNAVAILABLE_ERRORS
 _is_unavailable = is_unavailable
 
 
+# SQLSTATEs of text PostgreSQL cannot take: a NUL character in a text parameter (22021)
+# or in JSON (\u0000, 22P05). Only a request carries such text: a 422, never a 500.
+_UNSTORABLE_TEXT_SQLSTATES = frozenset({"22021", "22P05"})
+UNSTORABLE_TEXT = "text must not contain NUL (U+0000) characters"
+
+
+def is_unstorable_text(error: BaseException) -> bool:
+    orig = getattr(error, "orig", None) if isinstance(error, sa_exc.DBAPIError) else None
+    return getattr(orig, "sqlstate", None) in _UNSTORABLE_TEXT_SQLSTATES
+
+
 def unavailable_detail(error: BaseException) -> tuple[str, int]:
     if isinstance(error, sa_exc.TimeoutError):
         return "all database connections are busy; try again shortly", 1
     return "the database is unavailable; try again shortly", 2
 
 
+_HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
+
+
+def _path_methods(app: FastAPI) -> list[tuple[re.Pattern[str], frozenset[str]]]:
+    """Each documented path as a pattern, with its methods (built once per app)."""
+    table: list[tuple[re.Pattern[str], frozenset[str]]] | None = getattr(
+        app.state, "allow_table", None
+    )
+    if table is None:
+        table = []
+        for path, item in app.openapi().get("paths", {}).items():
+            pattern = re.sub(r"\\{[^}/]+\\}", "[^/]+", re.escape(path))
+            methods = frozenset(m.upper() for m in item if m in _HTTP_METHODS)
+            table.append((re.compile(pattern), methods))
+        app.state.allow_table = table
+    return table
+
+
+def allowed_methods(request: Request) -> str | None:
+    """Allow for a 405: the methods of every documented operation on the path. Starlette
+    names only those of the first route that matched it (GET /jobs/{id} and DELETE
+    /jobs/{id} are two routes). None when no documented path matches (the caller keeps
+    Starlette's)."""
+    path = request.scope.get("path", "")
+    methods: set[str] = set()
+    for pattern, path_methods in _path_methods(request.app):
+        if pattern.fullmatch(path):
+            methods |= path_methods
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods)) or None
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    """The problem+json renderers, and their documentation in /openapi.json."""
+    from app.api.openapi import install_openapi  # it imports this module
+
+    install_openapi(app)
+
     @app.exception_handler(TrawlerError)
     async def _domain(request: Request, error: TrawlerError) -> JSONResponse:
         return problem(
@@ -143,16 +193,21 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        title = {404: "Not Found", 405: "Method Not Allowed"}.get(error.status_code, "Error")
+        titles = {400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
+        headers = dict(error.headers or {})
+        if error.status_code == 405:
+            headers["Allow"] = allowed_methods(request) or headers.get("Allow", "")
         return problem(
             error.status_code,
-            title,
+            titles.get(error.status_code, "Error"),
             str(error.detail),
             instance=request.url.path,
-            headers=dict(error.headers or {}),
+            headers=headers,
         )
 
     async def _database(request: Request, error: Exception) -> JSONResponse:
+        if is_unstorable_text(error):
+            return problem(422, "Unprocessable Content", UNSTORABLE_TEXT, instance=request.url.path)
         if not _is_unavailable(error):
             logger.exception("unhandled database error on %s", request.url.path, exc_info=error)
             return problem(

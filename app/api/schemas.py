@@ -68,15 +68,18 @@ HttpUrlStr = Annotated[
 """An absolute http(s) URL with a host that app.scraper.urls can canonicalize."""
 
 
-def _check_regex(value: str) -> str:
+def check_regex(value: str) -> str:
+    """`value` if it compiles, else ValueError. Besides re.error, the compiler raises
+    OverflowError for a repeat count beyond its limit (`a{9999999999}`) and RecursionError
+    for groups nested some hundreds deep: bad input all the same, never a 500."""
     try:
         re.compile(value)
-    except re.error as error:
-        raise ValueError(f"invalid regular expression {value!r}: {error}") from None
+    except (re.error, OverflowError, RecursionError) as error:
+        raise ValueError(f"invalid regular expression {value[:200]!r}: {error}") from None
     return value
 
 
-Regex = Annotated[str, Field(min_length=1, max_length=1000), AfterValidator(_check_regex)]
+Regex = Annotated[str, Field(min_length=1, max_length=1000), AfterValidator(check_regex)]
 
 
 class _Strict(BaseModel):
@@ -152,6 +155,7 @@ class WebhookSpec(_Strict):
         default=None,
         min_length=16,
         max_length=256,
+        pattern=r"^[^\x00]+$",  # the database cannot store a NUL
         description="HMAC-SHA256 key: every delivery carries a Trawler-Signature header",
     )
 

@@ -110,7 +110,10 @@ _PURGE_STATUSES: tuple[PurgeStatus, ...] = ("completed", "failed", "cancelled")
 class PurgeCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    older_than_s: int = Field(ge=0, le=100 * 365 * 86400, description="finished this long ago")
+    # strict: lax validation read `false` as 0, i.e. "purge every finished job"
+    older_than_s: int = Field(
+        strict=True, ge=0, le=100 * 365 * 86400, description="finished this long ago"
+    )
     statuses: list[PurgeStatus] = Field(default_factory=lambda: list(_PURGE_STATUSES), min_length=1)
     tenant: str | None = Field(default=None, max_length=128, description="only this tenant")
 

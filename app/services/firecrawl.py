@@ -26,12 +26,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.api.errors import BadRequest, Forbidden, NotFound, TrawlerError
 from app.api.schemas import (
+    MAX_URL_CHARS,
     CrawlCreate,
     FetchOptions,
     FollowRules,
     JobPublic,
     Politeness,
     ScrapeCreate,
+    check_regex,
 )
 from app.database.models import JobKind, JobStatus
 from app.scraper.extract import Document, compile_spec, content_builtin, extract
@@ -107,6 +109,10 @@ class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
 
+# Firecrawl sets no upper bounds; these only keep numbers computable and storable (64-bit)
+_MAX_INT: Final = 2**63 - 1
+
+
 Webhook = str | dict[str, Any]
 
 
@@ -114,7 +120,7 @@ class ScrapeOptionsIn(_Lenient):
     formats: list[str | dict[str, Any]] | None = None
     only_main_content: bool | None = Field(default=None, alias="onlyMainContent")
     headers: dict[str, str] | None = None
-    timeout: int | None = Field(default=None, ge=1, description="milliseconds")
+    timeout: int | None = Field(default=None, ge=1, le=_MAX_INT, description="milliseconds")
     include_tags: list[str] | None = Field(default=None, alias="includeTags")
     exclude_tags: list[str] | None = Field(default=None, alias="excludeTags")
     actions: list[Any] | None = None
@@ -128,15 +134,17 @@ class BatchScrapeIn(ScrapeOptionsIn):
     urls: list[str] = Field(min_length=1)
     webhook: Webhook | None = None
     ignore_invalid_urls: bool | None = Field(default=None, alias="ignoreInvalidURLs")
-    max_concurrency: int | None = Field(default=None, ge=1, alias="maxConcurrency")
+    max_concurrency: int | None = Field(default=None, ge=1, le=_MAX_INT, alias="maxConcurrency")
     append_to_id: str | None = Field(default=None, alias="appendToId")
 
 
 class CrawlIn(_Lenient):
     url: str
-    limit: int | None = Field(default=None, ge=1)
-    max_discovery_depth: int | None = Field(default=None, ge=0, alias="maxDiscoveryDepth")
-    max_depth: int | None = Field(default=None, ge=0, alias="maxDepth")
+    limit: int | None = Field(default=None, ge=1, le=_MAX_INT)
+    max_discovery_depth: int | None = Field(
+        default=None, ge=0, le=_MAX_INT, alias="maxDiscoveryDepth"
+    )
+    max_depth: int | None = Field(default=None, ge=0, le=_MAX_INT, alias="maxDepth")
     include_paths: list[str] | None = Field(default=None, alias="includePaths")
     exclude_paths: list[str] | None = Field(default=None, alias="excludePaths")
     regex_on_full_url: bool | None = Field(default=None, alias="regexOnFullURL")
@@ -148,8 +156,9 @@ class CrawlIn(_Lenient):
     ignore_sitemap: bool | None = Field(default=None, alias="ignoreSitemap")
     ignore_robots_txt: bool | None = Field(default=None, alias="ignoreRobotsTxt")
     ignore_query_parameters: bool | None = Field(default=None, alias="ignoreQueryParameters")
-    delay: float | None = Field(default=None, ge=0, description="seconds between fetches")
-    max_concurrency: int | None = Field(default=None, ge=1, alias="maxConcurrency")
+    # at most Politeness.delay_ms's 60 s (an infinite or huge delay overflowed)
+    delay: float | None = Field(default=None, ge=0, le=60, description="seconds between fetches")
+    max_concurrency: int | None = Field(default=None, ge=1, le=_MAX_INT, alias="maxConcurrency")
     webhook: Webhook | None = None
     scrape_options: ScrapeOptionsIn | None = Field(default=None, alias="scrapeOptions")
 
@@ -162,8 +171,8 @@ class MapIn(_Lenient):
     sitemap_only: bool | None = Field(default=None, alias="sitemapOnly")  # v1
     include_subdomains: bool | None = Field(default=None, alias="includeSubdomains")
     ignore_query_parameters: bool | None = Field(default=None, alias="ignoreQueryParameters")
-    limit: int | None = Field(default=None, ge=1)
-    timeout: int | None = Field(default=None, ge=1, description="milliseconds")
+    limit: int | None = Field(default=None, ge=1, le=_MAX_INT)
+    timeout: int | None = Field(default=None, ge=1, le=_MAX_INT, description="milliseconds")
 
     @field_validator("search")
     @classmethod
@@ -367,10 +376,7 @@ def path_pattern(pattern: str, *, field: str) -> str:
     """Firecrawl's includePaths/excludePaths semantics (a regex searched in the URL path)
     as a regex searched in the whole URL: `^` anchors at the start of the path, `$` at
     its end, and an unanchored match must start inside the path."""
-    try:
-        re.compile(pattern)
-    except re.error as error:
-        raise BadRequest(f"{field}: invalid regular expression {pattern!r}: {error}") from None
+    _check_regex(pattern, field)
     alternatives = []
     for alternative in _split_alternatives(pattern):
         alternative = _path_end_anchors(alternative)
@@ -408,15 +414,18 @@ def _follow_patterns(body: CrawlIn, seed: str) -> tuple[list[str], list[str]]:
     if body.max_depth is not None:
         # v1's maxDepth counts path segments beyond the start URL's own
         base_depth = len([part for part in seed_path.split("/") if part])
-        exclude.append(f"{_URL_HEAD}(?:/+[^/?#]+){{{base_depth + body.max_depth + 1}}}")
+        # no URL (at most MAX_URL_CHARS long) has more segments: a larger count is no
+        # limit at all, and a count beyond the regex engine's overflowed
+        segments = min(base_depth + body.max_depth + 1, MAX_URL_CHARS)
+        exclude.append(f"{_URL_HEAD}(?:/+[^/?#]+){{{segments}}}")
     return include, exclude
 
 
 def _check_regex(pattern: str, field: str) -> None:
     try:
-        re.compile(pattern)
-    except re.error as error:
-        raise BadRequest(f"{field}: invalid regular expression {pattern!r}: {error}") from None
+        check_regex(pattern)
+    except ValueError as error:
+        raise BadRequest(f"{field}: {error}") from None
 
 
 def guarded(url: str, guard: SSRFGuard) -> str:
@@ -619,6 +628,7 @@ async def submit(
     idempotency_key: str | None,
     default_host_limit: int,
     default_retain_days: int | None,
+    prepared: jobs.Prepared | None = None,
 ) -> JobPublic:
     job, _ = await jobs.submit_job(
         session,
@@ -628,6 +638,7 @@ async def submit(
         idempotency_key=idempotency_key,
         default_host_limit=default_host_limit,
         default_retain_days=default_retain_days,
+        prepared=prepared,
     )
     return job
 
@@ -857,12 +868,16 @@ def _raise_for_fetch(result: FetchResult) -> None:
     raise UpstreamError(message)
 
 
+def check_scrape(guard: SSRFGuard, body: ScrapeIn) -> tuple[str, str, Formats, FetchOptions]:
+    """What scrape refuses before fetching (400, 403): the source URL, the URL to fetch,
+    the formats and the fetch options."""
+    source = normalize_url(body.url)
+    return source, guarded(source, guard), formats_spec(body), fetch_options(body)
+
+
 async def scrape(fetcher: Fetcher, guard: SSRFGuard, body: ScrapeIn) -> dict[str, Any]:
     """POST /v{1,2}/scrape: fetch one URL now and answer its document."""
-    source = normalize_url(body.url)
-    url = guarded(source, guard)
-    formats = formats_spec(body)
-    options = fetch_options(body)
+    source, url, formats, options = check_scrape(guard, body)
     result = await fetcher.fetch(url, headers=options.headers, timeout_s=options.timeout_s)
     _raise_for_fetch(result)
     data: dict[str, Any] = {}
@@ -920,14 +935,19 @@ async def _sitemap_links(fetcher: Fetcher, url: str, timeout_s: float) -> list[s
     return await collect_sitemap_urls(fetcher, sitemap_start_urls(url, policy.sitemaps))
 
 
+def check_map(guard: SSRFGuard, body: MapIn) -> tuple[str, str]:
+    """What map_site refuses before fetching (400, 403): the source URL, the URL to map."""
+    source = normalize_url(body.url)
+    return source, guarded(source, guard)
+
+
 async def map_site(fetcher: Fetcher, guard: SSRFGuard, body: MapIn) -> dict[str, Any]:
     """POST /v2/map: the site's URLs from its sitemaps and the links of the page itself.
 
     Same site as the URL (subdomains too unless includeSubdomains is false), query
     strings dropped unless ignoreQueryParameters is false, `search` keeps the URLs that
     contain every one of its words. 408 when it takes longer than `timeout`."""
-    source = normalize_url(body.url)
-    url = guarded(source, guard)
+    source, url = check_map(guard, body)
     sitemap = body.sitemap or (
         "only" if body.sitemap_only else "skip" if body.ignore_sitemap else "include"
     )

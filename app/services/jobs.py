@@ -28,7 +28,7 @@ import orjson
 from sqlalchemy import Select, select, text, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from app.api.errors import Conflict, NotFound, Unprocessable
+from app.api.errors import UNSTORABLE_TEXT, Conflict, NotFound, Unprocessable
 from app.api.schemas import (
     BulkAction,
     BulkItemPublic,
@@ -206,6 +206,37 @@ def check_request(request: JobSpecBase, guard: SSRFGuard | None) -> None:
     check_webhook(request, guard)
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A submission checked and ready to insert (prepare_submission)."""
+
+    rows: list[tuple[str, bytes, str, int]]
+    spec: str  # jobs.spec as JSON text
+    retain_days: int | None
+
+
+def prepare_submission(
+    request: JobSpecBase, guard: SSRFGuard | None, default_retain_days: int | None
+) -> Prepared:
+    """Everything submit_job refuses before writing (422), done without the database: the
+    API runs it before the tenant's limits are consulted, so that a refused request leaves
+    even the tenant's rate allowance as it was."""
+    rows = _prepare_urls(request.start_urls(), guard)
+    check_webhook(request, guard)
+    retain_days = retain_days_of(request, default_retain_days)
+    spec = request.stored_spec()
+    if retain_days is not None:
+        spec["retain_days"] = retain_days
+    try:
+        spec_json = orjson.dumps(spec).decode()
+    except orjson.JSONEncodeError as error:
+        # free-form parts (the Firecrawl options kept in the spec) can hold any JSON
+        raise Unprocessable(f"the request holds a value that cannot be stored: {error}") from None
+    if "\\u0000" in spec_json:  # jsonb refuses it (the database answer is a 422 too)
+        raise Unprocessable(UNSTORABLE_TEXT)
+    return Prepared(rows, spec_json, retain_days)
+
+
 def retain_days_of(request: JobSpecBase, default: int | None) -> int | None:
     """retain_days as given (null: forever), or the server default when omitted."""
     return request.retain_days if "retain_days" in request.model_fields_set else default
@@ -239,6 +270,7 @@ async def submit_job(
     idempotency_key: str | None = None,
     default_host_limit: int = 8,
     default_retain_days: int | None = None,
+    prepared: Prepared | None = None,
 ) -> tuple[JobPublic, bool]:
     """Insert the job and its tasks; returns (job, created).
 
@@ -251,13 +283,13 @@ async def submit_job(
     BEGIN ... COMMIT and with the row locks held only while the statement runs. Callers
     that need the job in a larger unit of work begin it first (any statement on the
     session); the submission then joins that transaction and commits with it.
+
+    `prepared`: the request already through prepare_submission (with this guard and
+    default), which is then not repeated.
     """
-    rows = _prepare_urls(request.start_urls(), guard)
-    check_webhook(request, guard)
-    retain_days = retain_days_of(request, default_retain_days)
-    spec = request.stored_spec()
-    if retain_days is not None:
-        spec["retain_days"] = retain_days
+    if prepared is None:
+        prepared = prepare_submission(request, guard, default_retain_days)
+    rows = prepared.rows
     digest = request_hash(request) if idempotency_key is not None else None
     conn = await _conn(session, one_statement=True)
     params = {
@@ -265,8 +297,8 @@ async def submit_job(
         "kind": request.kind.value,
         "priority": request.priority,
         "max_attempts": request.max_attempts,
-        "spec": orjson.dumps(spec).decode(),
-        "retain_days": retain_days,
+        "spec": prepared.spec,
+        "retain_days": prepared.retain_days,
         **_webhook_params(request),
         "idempotency_key": idempotency_key,
         "request_hash": digest,

@@ -4,10 +4,23 @@ from __future__ import annotations
 
 from app.api.errors import Unprocessable
 from app.api.schemas import PreviewCreate, PreviewPublic
-from app.scraper.extract import InvalidSpec, builtins, compile_spec, extract
+from app.scraper.extract import CompiledSpec, InvalidSpec, builtins, compile_spec, extract
 from app.scraper.fetch import Fetcher
 from app.scraper.ssrf import BlockedTarget, SSRFGuard
 from app.scraper.urls import canonicalize_url
+
+
+def check(guard: SSRFGuard, request: PreviewCreate) -> tuple[str, CompiledSpec]:
+    """The canonical URL and the compiled spec; 422 for a refused target or a bad spec."""
+    try:
+        url = canonicalize_url(request.url)
+        guard.check_url(url)
+    except (ValueError, BlockedTarget) as error:
+        raise Unprocessable(f"URL {request.url[:200]!r} is not allowed: {error}") from None
+    try:
+        return url, compile_spec(request.extract)
+    except InvalidSpec as error:
+        raise Unprocessable(str(error)) from None
 
 
 async def preview(fetcher: Fetcher, guard: SSRFGuard, request: PreviewCreate) -> PreviewPublic:
@@ -15,17 +28,9 @@ async def preview(fetcher: Fetcher, guard: SSRFGuard, request: PreviewCreate) ->
 
     `data` holds the extracted fields, or the built-in fields (title, description,
     canonical, links, language) when the spec is empty. Fetch failures are answered as
-    data (`ok: false`, `error`); only a refused target or a bad spec is a 422.
+    data (`ok: false`, `error`); only a refused target or a bad spec is a 422 (check).
     """
-    try:
-        url = canonicalize_url(request.url)
-        guard.check_url(url)
-    except (ValueError, BlockedTarget) as error:
-        raise Unprocessable(f"URL {request.url[:200]!r} is not allowed: {error}") from None
-    try:
-        compiled = compile_spec(request.extract)
-    except InvalidSpec as error:
-        raise Unprocessable(str(error)) from None
+    url, compiled = check(guard, request)
     options = request.options
     result = await fetcher.fetch(
         url,

@@ -19,12 +19,18 @@ from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.deps import DbDep, PrincipalDep, SessionDep, SettingsDep
-from app.api.errors import TrawlerError, allowed_methods, unavailable_detail
+from app.api.errors import (
+    UNSTORABLE_TEXT,
+    TrawlerError,
+    allowed_methods,
+    is_unstorable_text,
+    unavailable_detail,
+)
 from app.api.resources import FetcherDep, GuardDep
 from app.api.routes.common import check_idempotency_key
 from app.database.connection import UNAVAILABLE_ERRORS, is_unavailable
 from app.database.models import JobKind
-from app.services import admin
+from app.services import admin, jobs
 from app.services import firecrawl as fc
 
 logger = logging.getLogger(__name__)
@@ -65,6 +71,8 @@ class FirecrawlRoute(APIRoute):
             except StarletteHTTPException as error:
                 return error_answer(error.status_code, str(error.detail), dict(error.headers or {}))
             except _DB_ERRORS as error:
+                if is_unstorable_text(error):
+                    return error_answer(400, UNSTORABLE_TEXT)
                 if not is_unavailable(error):
                     logger.exception("database error on %s", request.url.path)
                     return error_answer(500, "internal error")
@@ -95,6 +103,9 @@ async def _submit(
     settings: SettingsDep,
     key: str | None,
 ) -> str:
+    idempotency_key = check_idempotency_key(key)
+    # a refused request (400) must not cost the tenant any of its rate allowance
+    prepared = jobs.prepare_submission(request, guard, settings.default_retain_days)
     # the tenant's limits (429); the submission is one statement that commits by itself
     async with admin.admitted(session, settings, tenant, autocommit=True):
         job = await fc.submit(
@@ -102,9 +113,10 @@ async def _submit(
             tenant,
             request,
             guard=guard,
-            idempotency_key=check_idempotency_key(key),
+            idempotency_key=idempotency_key,
             default_host_limit=settings.per_host_concurrency,
             default_retain_days=settings.default_retain_days,
+            prepared=prepared,
         )
     return str(job.id)
 
@@ -214,6 +226,7 @@ async def scrape(
     settings: SettingsDep,
 ) -> Response:
     """Fetch one URL now and answer its document (nothing is stored)."""
+    fc.check_scrape(guard, body)  # refused (400, 403) before it counts against the rate
     await _check_rate(db, settings, principal.tenant)
     return answer(await fc.scrape(fetcher, guard, body))
 
@@ -282,6 +295,7 @@ async def map_site(
     settings: SettingsDep,
 ) -> Response:
     """The site's URLs from its sitemaps and the page's links: {success, links}."""
+    fc.check_map(guard, body)  # refused (400, 403) before it counts against the rate
     await _check_rate(db, settings, principal.tenant)
     return answer(await fc.map_site(fetcher, guard, body))
 

@@ -82,6 +82,8 @@ async def _submit(
     idempotency_key: str | None,
 ) -> JobPublic:
     key = check_idempotency_key(idempotency_key)
+    # a refused request (422) must not cost the tenant any of its rate allowance
+    prepared = jobs.prepare_submission(body, guard, settings.default_retain_days)
     # the tenant's limits (429); the submission is one statement that commits by itself
     async with admin.admitted(session, settings, tenant, autocommit=True):
         job, created = await jobs.submit_job(
@@ -92,6 +94,7 @@ async def _submit(
             idempotency_key=key,
             default_host_limit=settings.per_host_concurrency,
             default_retain_days=settings.default_retain_days,
+            prepared=prepared,
         )
     response.headers["Location"] = job_location(job.id)
     if not created:
@@ -110,6 +113,8 @@ async def scrape_preview(
     settings: SettingsDep,
 ) -> PreviewPublic:
     """Fetch and extract one URL now, within options.timeout_s; nothing is stored."""
-    # counts against the tenant's submission rate (a fetch on its behalf), creates no job
+    # counts against the tenant's submission rate (a fetch on its behalf), creates no job;
+    # a refused request (422) does not
+    preview.check(guard, body)
     await admin.check_rate(session, settings, principal.tenant)
     return await preview.preview(fetcher, guard, body)

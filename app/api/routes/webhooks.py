@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import uuid
+from typing import Annotated
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Path, status
 
 from app.api.deps import PageParamsDep, PrincipalDep, SessionDep
 from app.api.routes.common import API_PREFIX, decode_page_cursor, encode_page_cursor
@@ -12,6 +13,9 @@ from app.api.schemas import WebhookDeliveryPublic, WebhookLogPublic
 from app.services import webhooks
 
 router = APIRouter(prefix=f"{API_PREFIX}/jobs", tags=["webhooks"])
+
+# a bigint: a larger number overflowed the query parameter (a 500)
+DeliveryId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 
 
 @router.get("/{job_id}/webhooks", response_model=WebhookLogPublic)
@@ -32,7 +36,7 @@ async def delivery_log(
     response_model=WebhookDeliveryPublic,
 )
 async def redeliver(
-    job_id: uuid.UUID, delivery_id: int, session: SessionDep, principal: PrincipalDep
+    job_id: uuid.UUID, delivery_id: DeliveryId, session: SessionDep, principal: PrincipalDep
 ) -> WebhookDeliveryPublic:
     """Send a delivered or failed event again (same event id); 409 while it is pending."""
     return await webhooks.redeliver(
