@@ -76,7 +76,10 @@ async def test_per_host_concurrency_holds_across_two_processes(
     stored = {p["url"] for p in await pages_of(db, job_id)}
     # no robots.txt rules here, so /private/secret is crawled too
     assert stored == site.expected_pages(2) | {site.url("/private/secret")}
-    assert all(site.agents[a] > 0 for a in agents), f"both processes fetched: {site.agents}"
+    # both processes were claiming the whole time (registered before the submission); which
+    # of them wins a freed slot is first come, so one may take all of a 3-slot host: the
+    # three-process test below checks that the work is shared
+    assert sum(site.agents[a] for a in agents) == len(stored)
     assert site.max_active <= 3, f"{site.max_active} fetches in flight at once"
     assert site.max_active == 3, "the limit was actually reached"
 
