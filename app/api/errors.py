@@ -195,8 +195,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
         titles = {400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
         headers = dict(error.headers or {})
-        if error.status_code == 405:
-            headers["Allow"] = allowed_methods(request) or headers.get("Allow", "")
+        allowed = allowed_methods(request) if error.status_code == 405 else None
+        if allowed is not None:
+            headers["Allow"] = allowed
         return problem(
             error.status_code,
             titles.get(error.status_code, "Error"),
