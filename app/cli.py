@@ -13,7 +13,10 @@ and become one red line on stderr and a non-zero exit status, handled in one pla
 (`main`); anything else is a bug and keeps its traceback.
 
 Imports of the service, database and web layers happen inside the functions that need
-them, so that `trawler --help`, `trawler version` and usage errors answer at once.
+them, so that `trawler --help`, `trawler version` and usage errors answer at once, and so
+that `trawler worker` never loads the web stack (FastAPI, Starlette, uvicorn) nor rich,
+which it does not use (tests/unit/test_worker_imports.py checks it). `out` and `err` are
+rich Consoles made on first use; hand `real_console(out)` to rich's own classes.
 """
 
 from __future__ import annotations
@@ -31,25 +34,18 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from types import FrameType, TracebackType
-from typing import TYPE_CHECKING, Annotated, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Self, TypeVar, cast
 
 import orjson
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-)
 
 from app import __version__
 from app.config import Settings, get_settings
 
 if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
+
     from app.database.connection import ConnectionManager
     from app.database.embedded import EmbeddedPostgres
     from app.main import LifespanHook
@@ -75,8 +71,37 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+
+
+class _LazyConsole:
+    """A rich Console made on first use (rich costs ~50 ms and a few MB to import)."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Console | None = None
+
+    def resolve(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # never recurse before __init__ ran (copy, pickle)
+            raise AttributeError(name)
+        return getattr(self.resolve(), name)
+
+
+def real_console(console: Console) -> Console:
+    """The Console itself behind `out` or `err`: what rich's own classes must be given
+    (`with console:` and attribute writes do not go through a proxy)."""
+    return console.resolve() if isinstance(console, _LazyConsole) else console
+
+
+# typed as the Console they stand for: every use goes through __getattr__
+out = cast("Console", _LazyConsole(soft_wrap=True))
+err = cast("Console", _LazyConsole(stderr=True, soft_wrap=True))
 
 JsonOpt = Annotated[
     bool, typer.Option("--json", help="print JSON only (machine-readable) on standard output")
@@ -104,6 +129,8 @@ def print_json(value: Any) -> None:
 
 
 def print_error(message: str) -> None:
+    from rich.markup import escape
+
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
 
 
@@ -156,6 +183,14 @@ class ProgressDisplay:
 
     def __enter__(self) -> Self:
         if self.live:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
@@ -164,7 +199,7 @@ class ProgressDisplay:
                 TextColumn("{task.fields[rate]} {task.fields[unit]}/s  ETA {task.fields[eta]}"),
                 TimeElapsedColumn(),
                 TextColumn("{task.fields[extra]}"),
-                console=self.console,
+                console=real_console(self.console),
                 transient=False,
                 redirect_stdout=False,  # stdout carries results (and export data), never this
             )
@@ -327,13 +362,9 @@ async def open_database(
     user has gone).
     """
     from app.database.connection import ConnectionManager
+    from app.database.embedded import resolve_database_url
 
-    resolved, embedded = settings, None
-    if settings.database_url is None:
-        # app.main brings the whole web app: only for the embedded server's start
-        from app.main import resolve_database_url
-
-        resolved, embedded = await resolve_database_url(settings)
+    resolved, embedded = await resolve_database_url(settings)
     try:
         db = ConnectionManager(resolved, application_name=application_name)
         try:
@@ -407,9 +438,9 @@ def expected_failure(error: BaseException) -> str | None:
     if isinstance(error, CliError):
         return str(error)
     # imported only now: these modules are heavy, and loaded already if they raised
-    from app.api.errors import TrawlerError
     from app.database.connection import DatabaseUnavailable, is_unavailable
     from app.database.embedded import EmbeddedPostgresError
+    from app.errors import TrawlerError
 
     if isinstance(error, DatabaseUnavailable | EmbeddedPostgresError):
         return str(error)

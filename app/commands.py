@@ -14,10 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.measure import Measurement
-from rich.table import Table
-from rich.text import Text
 
 from app.cli import (
     ADMIN_PANEL,
@@ -34,11 +30,14 @@ from app.cli import (
     out,
     print_error,
     print_json,
+    real_console,
     run_async,
 )
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
+    from rich.table import Table
+    from rich.text import Text
 
     from app.api.schemas import JobPublic, JobSpecBase
     from app.config import Settings
@@ -106,10 +105,14 @@ def _age(moment: datetime) -> str:
 def _print_table(table: Table) -> None:
     """On a terminal, fit the table to it; in a pipe or a file, never wrap or cut a cell
     (ids must stay whole for grep and copy-paste)."""
+    from rich.console import Console
+    from rich.measure import Measurement
+
     if out.is_terminal:
         out.print(table)
     else:
-        natural = Measurement.get(out, out.options.update(width=10_000), table).maximum
+        console = real_console(out)
+        natural = Measurement.get(console, console.options.update(width=10_000), table).maximum
         # Console.print never goes wider than its console: print on one as wide as needed
         Console(file=out.file, width=max(out.width, natural)).print(table)
 
@@ -477,6 +480,8 @@ def _choices(value: str | None, allowed: tuple[str, ...], what: str) -> list[str
 
 
 def _progress_cell(job: JobPublic) -> Text:
+    from rich.text import Text
+
     p = job.progress
     cell = Text(f"{p.total - p.queued - p.running}/{p.total}")
     if p.failed:
@@ -496,6 +501,9 @@ def jobs_list(
     as_json: JsonOpt = False,
 ) -> None:
     """List recent jobs, newest first, as a table (id, kind, status, progress, created, age)."""
+    from rich.table import Table
+    from rich.text import Text
+
     from app.database.models import JobKind, JobStatus
     from app.services import jobs as job_service
 
@@ -537,6 +545,9 @@ def jobs_list(
 
 
 def _show(job: JobPublic, skipped: int) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
     p = job.progress
     status = job.status.value
     grid = Table.grid(padding=(0, 2))
@@ -850,6 +861,9 @@ def apikey_create(
 @keys_app.command("list")
 def apikey_list(as_json: JsonOpt = False) -> None:
     """List keys (never their secrets)."""
+    from rich.table import Table
+    from rich.text import Text
+
     from app.services import apikeys
 
     settings = load_settings()

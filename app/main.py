@@ -26,7 +26,7 @@ from app.api.routes import (
 )
 from app.config import Settings, get_settings
 from app.database.connection import ConnectionManager, is_unavailable
-from app.database.embedded import EmbeddedPostgres
+from app.database.embedded import resolve_database_url
 from app.database.migrations import upgrade_to_head
 from app.services.metrics import HttpMetrics, ObservabilityMiddleware
 from app.ui import STATIC_PREFIX as UI_STATIC_PREFIX
@@ -37,18 +37,6 @@ logger = logging.getLogger(__name__)
 
 # Hooks run after the database is ready and before shutdown; the executor plugs in here.
 LifespanHook = Callable[[FastAPI], Awaitable[Callable[[], Awaitable[None]]]]
-
-
-async def resolve_database_url(settings: Settings) -> tuple[Settings, EmbeddedPostgres | None]:
-    """With no URL configured, start the embedded PostgreSQL and point the settings at it."""
-    if settings.database_url is not None:
-        return settings, None
-    embedded = EmbeddedPostgres(settings.data_dir)
-    # pgserver spawns and waits on subprocesses: keep that off the event loop
-    url = await asyncio.to_thread(embedded.start)
-    return settings.model_copy(update={"database_url": Settings(database_url=url).database_url}), (
-        embedded
-    )
 
 
 async def migrate_with_retry(db: ConnectionManager, attempts: int = 10) -> str | None:

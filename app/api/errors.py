@@ -1,4 +1,7 @@
-"""Domain errors carrying their HTTP status, and the one problem+json renderer."""
+"""The one problem+json renderer, and the FastAPI handlers that answer with it.
+
+The domain errors themselves live in app.errors (no web framework there, so the worker can
+raise them without loading FastAPI); they are re-exported here for existing callers."""
 
 from __future__ import annotations
 
@@ -13,70 +16,43 @@ from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.database.connection import UNAVAILABLE_ERRORS, is_unavailable
+from app.errors import (
+    UNSTORABLE_TEXT,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    ServiceUnavailable,
+    TooManyRequests,
+    TrawlerError,
+    Unauthorized,
+    Unprocessable,
+    is_unstorable_text,
+    unavailable_detail,
+)
+
+__all__ = [
+    "PROBLEM_JSON",
+    "UNSTORABLE_TEXT",
+    "BadRequest",
+    "Conflict",
+    "Forbidden",
+    "NotFound",
+    "ServiceUnavailable",
+    "TooManyRequests",
+    "TrawlerError",
+    "Unauthorized",
+    "Unprocessable",
+    "allowed_methods",
+    "install_error_handlers",
+    "is_unstorable_text",
+    "problem",
+    "unavailable_detail",
+]
 
 logger = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
-
-
-class TrawlerError(Exception):
-    """Base of every error the API turns into a problem+json answer."""
-
-    status: int = 500
-    title: str = "Internal Server Error"
-
-    def __init__(
-        self,
-        detail: str,
-        *,
-        headers: dict[str, str] | None = None,
-        extra: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.headers = headers or {}
-        self.extra = extra or {}
-
-
-class BadRequest(TrawlerError):
-    status, title = 400, "Bad Request"
-
-
-class Unauthorized(TrawlerError):
-    status, title = 401, "Unauthorized"
-
-    def __init__(self, detail: str = "a valid API key is required") -> None:
-        super().__init__(detail, headers={"WWW-Authenticate": "Bearer"})
-
-
-class Forbidden(TrawlerError):
-    status, title = 403, "Forbidden"
-
-
-class NotFound(TrawlerError):
-    status, title = 404, "Not Found"
-
-
-class Conflict(TrawlerError):
-    status, title = 409, "Conflict"
-
-
-class Unprocessable(TrawlerError):
-    status, title = 422, "Unprocessable Content"
-
-
-class TooManyRequests(TrawlerError):
-    status, title = 429, "Too Many Requests"
-
-    def __init__(self, detail: str, *, retry_after: int) -> None:
-        super().__init__(detail, headers={"Retry-After": str(max(1, retry_after))})
-
-
-class ServiceUnavailable(TrawlerError):
-    status, title = 503, "Service Unavailable"
-
-    def __init__(self, detail: str, *, retry_after: int = 2) -> None:
-        super().__init__(detail, headers={"Retry-After": str(retry_after)})
 
 
 def problem(
@@ -100,23 +76,6 @@ def problem(
 # kept under their old names for callers of this module
 _UNAVAILABLE = UNAVAILABLE_ERRORS
 _is_unavailable = is_unavailable
-
-
-# SQLSTATEs of text PostgreSQL cannot take: a NUL character in a text parameter (22021)
-# or in JSON (\u0000, 22P05). Only a request carries such text: a 422, never a 500.
-_UNSTORABLE_TEXT_SQLSTATES = frozenset({"22021", "22P05"})
-UNSTORABLE_TEXT = "text must not contain NUL (U+0000) characters"
-
-
-def is_unstorable_text(error: BaseException) -> bool:
-    orig = getattr(error, "orig", None) if isinstance(error, sa_exc.DBAPIError) else None
-    return getattr(orig, "sqlstate", None) in _UNSTORABLE_TEXT_SQLSTATES
-
-
-def unavailable_detail(error: BaseException) -> tuple[str, int]:
-    if isinstance(error, sa_exc.TimeoutError):
-        return "all database connections are busy; try again shortly", 1
-    return "the database is unavailable; try again shortly", 2
 
 
 _HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})

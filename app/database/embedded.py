@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import json
 import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from app.config import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -127,3 +131,16 @@ def _pid_alive(pid: int) -> bool:
         # exists, owned by another user (the postmaster runs as `pgserver` under root)
         return True
     return True
+
+
+async def resolve_database_url(settings: Settings) -> tuple[Settings, EmbeddedPostgres | None]:
+    """With no URL configured, start the embedded PostgreSQL and point the settings at it."""
+    if settings.database_url is not None:
+        return settings, None
+    from app.config import Settings
+
+    embedded = EmbeddedPostgres(settings.data_dir)
+    # pgserver spawns and waits on subprocesses: keep that off the event loop
+    url = await asyncio.to_thread(embedded.start)
+    resolved = settings.model_copy(update={"database_url": Settings(database_url=url).database_url})
+    return resolved, embedded

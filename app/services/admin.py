@@ -24,7 +24,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import insert, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from app.api.errors import Conflict, NotFound, TooManyRequests, TrawlerError
 from app.config import Settings
 from app.database.connection import ConnectionManager
 from app.database.models import (
@@ -36,6 +35,7 @@ from app.database.models import (
     KeyRole,
     WorkerState,
 )
+from app.errors import Conflict, NotFound, TooManyRequests, TrawlerError
 from app.logging import request_id_var
 from app.services import apikeys, queue
 from app.services.apikeys import Principal

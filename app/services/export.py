@@ -41,8 +41,8 @@ import asyncpg
 from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util.concurrency import greenlet_spawn
 
-from app.api.errors import NotFound, TrawlerError, Unprocessable
 from app.database.connection import ConnectionManager
+from app.errors import NotFound, TrawlerError, Unprocessable
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.api.errors import BadRequest, Forbidden, NotFound, TrawlerError
 from app.api.schemas import (
     MAX_URL_CHARS,
     CrawlCreate,
@@ -36,6 +35,7 @@ from app.api.schemas import (
     check_regex,
 )
 from app.database.models import JobKind, JobStatus
+from app.errors import BadRequest, Forbidden, NotFound, TrawlerError
 from app.scraper.extract import Document, compile_spec, content_builtin, extract
 from app.scraper.fetch import Fetcher, FetchResult
 from app.scraper.links import discover_links

@@ -28,7 +28,6 @@ import orjson
 from sqlalchemy import Select, select, text, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from app.api.errors import UNSTORABLE_TEXT, Conflict, NotFound, Unprocessable
 from app.api.schemas import (
     BulkAction,
     BulkItemPublic,
@@ -41,6 +40,7 @@ from app.api.schemas import (
 )
 from app.database.connection import ConnectionManager
 from app.database.models import Job, JobKind, JobStatus
+from app.errors import UNSTORABLE_TEXT, Conflict, NotFound, Unprocessable
 from app.scraper.ssrf import BlockedTarget, SSRFGuard
 from app.services import state
 from app.services.frontier import prepare

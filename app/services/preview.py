@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from app.api.errors import Unprocessable
 from app.api.schemas import PreviewCreate, PreviewPublic
+from app.errors import Unprocessable
 from app.scraper.extract import CompiledSpec, InvalidSpec, builtins, compile_spec, extract
 from app.scraper.fetch import Fetcher
 from app.scraper.ssrf import BlockedTarget, SSRFGuard

@@ -32,7 +32,6 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from app.api.errors import NotFound, TrawlerError, Unprocessable
 from app.api.schemas import (
     JobSpecBase,
     ScheduleCreate,
@@ -43,6 +42,7 @@ from app.api.schemas import (
 from app.config import Settings
 from app.database.connection import ConnectionManager, is_unavailable
 from app.database.models import JobKind, Schedule, ScheduleOverlap
+from app.errors import NotFound, TrawlerError, Unprocessable
 from app.scraper.ssrf import SSRFGuard
 from app.services import jobs
 

@@ -39,10 +39,10 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.api.errors import Conflict, NotFound
 from app.api.schemas import WebhookDeliveryPublic, WebhookPublic
 from app.config import Settings
 from app.database.connection import ConnectionManager
+from app.errors import Conflict, NotFound
 from app.scraper.ssrf import BlockedResolution, BlockedTarget, GuardedResolver, SSRFGuard
 from app.services.state import job_json, utc_text
 

@@ -7,12 +7,15 @@ import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
-
-from fastapi import FastAPI
+from typing import TYPE_CHECKING
 
 from app.config import Settings
 from app.database.connection import ConnectionManager
 from app.utils.executor import AsyncJobExecutor
+
+if TYPE_CHECKING:
+    # only `trawler serve` runs the executor inside the app; `trawler worker` has no FastAPI
+    from fastapi import FastAPI
 
 logger = logging.getLogger(__name__)
 
