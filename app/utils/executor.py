@@ -295,6 +295,7 @@ class AsyncJobExecutor:
         self._loops: list[asyncio.Task[None]] = []
         self._draining = False
         self._more_work = True
+        self._room_bound = False
         # jobs (among those this worker runs) whose webhook wants job.page events
         self._page_hook_jobs: set[uuid.UUID] = set()
         self._webhook_wake = asyncio.Event()
@@ -454,6 +455,10 @@ class AsyncJobExecutor:
         """Tasks whose lease this worker holds: running, or done and not yet stored."""
         return list(self._inflight.keys() | self._unflushed)
 
+    def _fetched(self) -> list[int]:
+        """Leased tasks whose fetch is over, waiting for their outcome to be stored."""
+        return [task_id for task_id in self._unflushed if task_id not in self._inflight]
+
     async def _claim_loop(self) -> None:
         try:
             await self._claim_until_stopped()
@@ -486,6 +491,7 @@ class AsyncJobExecutor:
                         self.settings.lease_seconds,
                         driver=driver,
                         cursor=self._host_cursor,
+                        done=self._fetched(),
                     )
                     tasks = claimed.tasks
                     job_ids = {t.job_id for t in tasks}
@@ -518,6 +524,9 @@ class AsyncJobExecutor:
             # work) or the poll interval (retries coming due); a full one means claim again
             # as soon as there is room
             self._more_work = len(tasks) >= asked
+            # a short claim that still found work was cut by host room: a fetch that ends
+            # frees room (see queue.claim's `done`), so claim again then
+            self._room_bound = bool(tasks)
             if not self._more_work:
                 await self._wait_wake(self.settings.poll_interval)
 
@@ -583,7 +592,7 @@ class AsyncJobExecutor:
                 ids.discard(task.id)
                 if not ids:
                     del self._by_job[task.job_id]
-            if self._more_work or self._draining:
+            if self._more_work or self._room_bound or self._draining:
                 self._wake.set()
 
     async def _execute(self, task: ClaimedTask, ctx: JobContext) -> Outcome:

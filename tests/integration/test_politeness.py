@@ -80,6 +80,29 @@ async def test_room_returns_as_leases_end(db: ConnectionManager) -> None:
     assert await leased_by_host(db) == {"busy.example": 4}
 
 
+async def test_fetched_tasks_free_room_for_their_own_worker_only(db: ConnectionManager) -> None:
+    """A worker's leased tasks whose fetch is over (page not stored yet) free their host's
+    room for that worker's next claim; another worker still counts them (it cannot know)."""
+    await create_job(db, [f"http://busy.example/{n}" for n in range(10)], host_limit=3)
+    me = uuid.uuid4()
+
+    async def claim_as(worker: uuid.UUID, done: list[int]) -> queue.Claim:
+        async with db.connect() as conn:
+            return await queue.claim(conn, worker, 10, 60.0, done=done)
+
+    first = await claim_as(me, [])
+    assert len(first.tasks) == 3
+    fetched = [t.id for t in first.tasks[:2]]  # two fetches over, one still running
+    assert (await claim_as(uuid.uuid4(), [])).tasks == []  # another worker: host is full
+    # naming tasks that are not leased frees nothing: only leased ones are discounted
+    assert (await claim_as(me, [10**12, 10**12 + 1])).tasks == []
+    second = await claim_as(me, fetched)
+    assert len(second.tasks) == 2
+    # 5 leased now, but at most 3 fetching: the 2 fetched tasks and 3 in flight
+    assert await leased_by_host(db) == {"busy.example": 5}
+    assert (await claim_as(me, fetched)).tasks == []
+
+
 async def test_a_saturated_host_does_not_stall_other_hosts(db: ConnectionManager) -> None:
     # a big, older job on one host with a tight limit, then a small job on another host
     await create_job(db, [f"http://slow.example/{n}" for n in range(500)], host_limit=2)
