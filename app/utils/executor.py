@@ -54,6 +54,7 @@ from app.services.state import NOTIFY_JOBS
 from app.utils.handlers import (
     JobContext,
     PageHandler,
+    ScrapeHandler,
     TaskHandler,
     crash_outcome,
     exhausted,
@@ -264,6 +265,10 @@ class AsyncJobExecutor:
         self.batch = settings.claim_batch
         self._chunk = self.batch * 5  # most outcomes stored by one statement
         self.handler: TaskHandler = handler or PageHandler(settings, db)
+        if isinstance(self.handler, ScrapeHandler):
+            self.handler.on_fetched = self._on_fetched
+        # tasks still running whose requests to their host are over (parsing, extracting)
+        self._fetch_over: set[int] = set()
         self.stats = ExecutorStats()
         self._listener = (
             PgListener(
@@ -456,8 +461,15 @@ class AsyncJobExecutor:
         return list(self._inflight.keys() | self._unflushed)
 
     def _fetched(self) -> list[int]:
-        """Leased tasks whose fetch is over, waiting for their outcome to be stored."""
-        return [task_id for task_id in self._unflushed if task_id not in self._inflight]
+        """Leased tasks whose fetch is over: parsing, or waiting for their outcome to be
+        stored. The claim does not count them against their host's concurrency."""
+        inflight, over = self._inflight, self._fetch_over
+        return [t for t in self._unflushed if t not in inflight or t in over]
+
+    def _on_fetched(self, task_id: int) -> None:
+        self._fetch_over.add(task_id)
+        if self._room_bound:
+            self._wake.set()  # a slot on its host is free again
 
     async def _claim_loop(self) -> None:
         try:
@@ -587,6 +599,7 @@ class AsyncJobExecutor:
         finally:
             self._inflight.pop(task.id, None)
             self._fetching.discard(task.id)
+            self._fetch_over.discard(task.id)
             ids = self._by_job.get(task.job_id)
             if ids is not None:
                 ids.discard(task.id)

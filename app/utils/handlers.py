@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -81,6 +81,14 @@ class TaskHandler(Protocol):
     async def close(self) -> None: ...
 
 
+# called with a task's id once its requests to the host are over (parsing may go on)
+FetchedHook = Callable[[int], None]
+
+
+def _no_hook(_task_id: int) -> None:
+    return None
+
+
 def page_from_fetch(task: ClaimedTask, result: FetchResult, data: dict[str, Any]) -> PageRow:
     return PageRow(
         url=task.url,
@@ -132,11 +140,14 @@ class ScrapeHandler:
             ),
             limit=max(settings.worker_concurrency, 10),
         )
+        # the executor's: the task no longer occupies a connection to its host
+        self.on_fetched: FetchedHook = _no_hook
 
     async def __call__(self, task: ClaimedTask, ctx: JobContext) -> Outcome:
         result = await self.fetcher.fetch(
             task.url, headers=ctx.headers, timeout_s=ctx.timeout_s, user_agent=ctx.user_agent
         )
+        self.on_fetched(task.id)
         data: dict[str, Any] = {}
         if result.ok and result.text is not None and result.is_html and ctx.compiled:
             document = Document(result.text, result.final_url)
@@ -249,6 +260,10 @@ class PageHandler(ScrapeHandler):
         result = await self.fetcher.fetch(
             task.url, headers=ctx.headers, timeout_s=ctx.timeout_s, user_agent=ctx.user_agent
         )
+        sitemap_links: list[tuple[str, int]] = []
+        if task.depth == 0 and rules.sitemaps and result.ok:
+            sitemap_links = await self._sitemap_links(rules, task, ctx)
+        self.on_fetched(task.id)
         data: dict[str, Any] = {}
         links: list[tuple[str, int]] = []
         if result.ok and result.text is not None and result.is_html:
@@ -263,8 +278,7 @@ class PageHandler(ScrapeHandler):
                     limit=MAX_LINKS_PER_PAGE,
                 )
                 links = self._in_scope(rules, found, task.depth + 1)
-        if task.depth == 0 and rules.sitemaps and result.ok:
-            links.extend(await self._sitemap_links(rules, task, ctx))
+        links.extend(sitemap_links)
         page = page_from_fetch(task, result, data)
         outcome = self.classify(task, result, page)
         if outcome.state == "succeeded":
