@@ -87,111 +87,41 @@ class Outcome:
     links: list[tuple[str, int]] = field(default_factory=list)
 
 
-# THE CLAIM, in two statements inside one transaction, so that per-host politeness holds
-# across every worker process:
+# THE CLAIM, two statements run by one call of the function trawler_claim() (migration
+# 0006; one round trip, so the hosts' row locks last only as long as PostgreSQL's own work,
+# not across round trips to a worker whose event loop is busy parsing pages), so that
+# per-host politeness holds across every worker process:
 #
-# 1. _LOCK_HOSTS walks the hosts that have queued work (a skip scan over ix_tasks_claim,
-#    which is led by host), starting after the caller's round-robin cursor, keeps those
-#    that are due (not blocked by Retry-After, next fetch start reached), not obviously
-#    saturated and with a due task, and locks their `hosts` rows FOR UPDATE SKIP LOCKED.
-#    A host is thus claimed for by one worker at a time; the others skip it.
-# 2. _CLAIM_SQL then runs with a fresh snapshot, taken after those locks were granted, so
+# 1. the first statement walks the hosts that have queued work (a skip scan over
+#    ix_tasks_claim, which is led by host), starting after the caller's round-robin
+#    cursor, keeps those that are due (not blocked by Retry-After, next fetch start
+#    reached), not obviously saturated and with a due task, and locks their `hosts` rows
+#    FOR UPDATE SKIP LOCKED. A host is thus claimed for by one worker at a time; the
+#    others skip it.
+# 2. the second then runs with a fresh snapshot, taken after those locks were granted, so
 #    it sees every lease committed by the previous holder of each lock. Per host it counts
 #    the leased tasks (fetches in flight, cluster-wide; ix_tasks_host_leased) and takes at
 #    most `max_concurrency - leased` of its best due tasks (priority, due time, FIFO).
 #    Leased tasks the claiming worker names in `done` are not counted: their fetch is
 #    over and only the storing of their page is pending, so they hold no connection to
-#    the host (other workers' such tasks still count: a safe over-estimate). A
+#    the host (other workers' such tasks still count: a safe over-estimate). A worker
+#    takes at most its share of a host's limit, split evenly among the running workers
+#    (heartbeat within `live_s`): otherwise the worker whose fetch ended first claims the
+#    freed slot again at once and a second worker on a one-host crawl starves. A
 #    host with a delay between fetches (max of delay_ms and robots Crawl-delay) gets one
 #    task at a time, and only when none is leased; its next_fetch_at moves one delay on
 #    (the worker moves it again when the fetch really starts, see mark_fetch_started).
 #    Tasks are leased, job counters move, unless an admin paused the cluster.
 #
 # Completion never touches `hosts`: a lease that ends frees the host's room by itself, and
-# a crashed worker's leases free it when they are recovered.
-_LOCK_HOSTS_SQL = text(
-    """
-WITH RECURSIVE hs(host) AS (
-    (SELECT host FROM tasks WHERE status = 'queued' AND host > :after ORDER BY host LIMIT 1)
-    UNION ALL
-    SELECT (SELECT t.host FROM tasks t
-            WHERE t.status = 'queued' AND t.host > hs.host ORDER BY t.host LIMIT 1)
-    FROM hs
-    WHERE hs.host IS NOT NULL AND (CAST(:stop AS text) IS NULL OR hs.host < :stop)
-)
-SELECT h.host, h.max_concurrency, greatest(h.delay_ms, h.robots_delay_ms) AS delay_ms
-FROM hs JOIN hosts h ON h.host = hs.host
-WHERE (CAST(:stop AS text) IS NULL OR hs.host <= :stop)
-  AND h.blocked_until <= now() AND h.next_fetch_at <= now()
-  AND NOT (SELECT paused FROM cluster_state WHERE id = 1)
-  AND EXISTS (SELECT 1 FROM tasks t
-              WHERE t.host = h.host AND t.status = 'queued' AND t.next_attempt_at <= now())
-  AND (SELECT count(*) FROM tasks t WHERE t.host = h.host AND t.status = 'leased'
-         AND NOT t.id = ANY(CAST(:done AS bigint[])))
-      < CASE WHEN greatest(h.delay_ms, h.robots_delay_ms) > 0 THEN 1 ELSE h.max_concurrency END
-LIMIT :k
-FOR UPDATE OF h SKIP LOCKED
-"""
-)
+# a crashed worker's leases free it when they are recovered. The function's last row
+# carries the cursor and the number of hosts locked.
 MAX_HOSTS_PER_CLAIM = 32
-_LOCK_HOSTS_NAMES = ("after", "stop", "k", "done")
-_LOCK_HOSTS_RAW = (_positional(_LOCK_HOSTS_SQL.text, _LOCK_HOSTS_NAMES), _LOCK_HOSTS_NAMES)
-
 _CLAIM_SQL = text(
-    """
-WITH h AS (
-    SELECT * FROM unnest(CAST(:hosts AS text[]), CAST(:caps AS int[]),
-                         CAST(:delays AS int[])) AS h(host, cap, delay_ms)
-), room AS (
-    SELECT h.host, CASE WHEN h.delay_ms > 0 THEN CAST(c.leased = 0 AS int)
-                        ELSE greatest(h.cap - c.leased, 0) END AS k
-    FROM h CROSS JOIN LATERAL (
-        SELECT count(*) AS leased FROM tasks t
-        WHERE t.host = h.host AND t.status = 'leased' AND NOT t.id = ANY(CAST(:done AS bigint[]))
-    ) c
-), cand AS (
-    -- each host's best due tasks, at most its room and its share of the batch (twice an
-    -- even split, so that hosts with fewer due tasks leave room to the others)
-    SELECT c.id, c.priority, c.next_attempt_at
-    FROM room r CROSS JOIN LATERAL (
-        SELECT t.id, t.priority, t.next_attempt_at FROM tasks t
-        WHERE t.host = r.host AND t.status = 'queued' AND t.next_attempt_at <= now()
-        ORDER BY t.priority DESC, t.next_attempt_at, t.id
-        LIMIT least(r.k, ceil(2.0 * :n / (SELECT count(*) FROM h)))
-    ) c
-    WHERE r.k > 0
-), picked AS (
-    -- only the rows taken are locked (no other claim can take them: their hosts are
-    -- ours); a row that a cancellation holds right now is skipped
-    SELECT t.id FROM tasks t
-    WHERE t.id IN (SELECT id FROM cand ORDER BY priority DESC, next_attempt_at, id LIMIT :n)
-      AND t.status = 'queued'
-    FOR UPDATE SKIP LOCKED
-), claimed AS (
-    UPDATE tasks t SET
-        status = 'leased', lease_owner = :worker,
-        lease_expires_at = now() + make_interval(secs => :lease),
-        attempts = t.attempts + 1, updated_at = now()
-    FROM picked
-    WHERE t.id = picked.id AND NOT (SELECT paused FROM cluster_state WHERE id = 1)
-    RETURNING t.id, t.job_id, t.url, t.depth, t.attempts, t.max_attempts, t.host
-), per_job AS (
-    SELECT job_id, count(*) AS n FROM claimed GROUP BY job_id
-), locked AS MATERIALIZED (
-    SELECT j.id FROM jobs j JOIN per_job p ON p.job_id = j.id ORDER BY j.id FOR UPDATE OF j
-), counted AS (
-    UPDATE jobs j SET queued = j.queued - p.n, running = j.running + p.n, updated_at = now()
-    FROM per_job p, locked l WHERE j.id = p.job_id AND l.id = j.id
-), spaced AS (
-    UPDATE hosts SET next_fetch_at = now() + make_interval(secs => h.delay_ms / 1000.0)
-    FROM h WHERE hosts.host = h.host AND h.delay_ms > 0
-      AND hosts.host IN (SELECT host FROM claimed)
+    "SELECT * FROM trawler_claim(:after, :n, :max_hosts, :worker, :lease, "
+    "CAST(:done AS bigint[]), :live_s)"
 )
-SELECT c.id, c.job_id, c.url, c.depth, c.attempts, c.max_attempts, c.host, h.delay_ms
-FROM claimed c JOIN h ON h.host = c.host
-"""
-)
-_CLAIM_NAMES = ("hosts", "caps", "delays", "n", "worker", "lease", "done")
+_CLAIM_NAMES = ("after", "n", "max_hosts", "worker", "lease", "done", "live_s")
 _CLAIM_RAW = (_positional(_CLAIM_SQL.text, _CLAIM_NAMES), _CLAIM_NAMES)
 
 
@@ -227,50 +157,32 @@ async def claim(
     driver: Any = None,
     cursor: str = "",
     done: Sequence[int] = (),
+    live_s: float = 15.0,
 ) -> Claim:
     """Lease up to `limit` due tasks to this worker, within every host's politeness.
 
     `cursor` is the last host the previous claim locked: the walk over hosts starts after
     it and wraps around, so every host with work gets its turn. `done`: this worker's
     leased tasks whose fetch has ended (outcome not stored yet); they free their host's
-    room at once instead of at the store. With `driver` (the asyncpg
+    room at once instead of at the store. `live_s`: workers whose heartbeat is older are
+    not counted among those sharing a host's room. With `driver` (the asyncpg
     connection under `conn`, inside a transaction the caller opened on it) the statements
     go straight to the driver: the executor's fast path.
     """
     # a claim serves at most MAX_HOSTS_PER_CLAIM hosts; the cursor brings the others' turn
-    wanted = min(limit, MAX_HOSTS_PER_CLAIM)
-    done_ids = list(done)
-    hosts = list(
-        await _fetch(
-            conn,
-            driver,
-            _LOCK_HOSTS_SQL,
-            _LOCK_HOSTS_RAW,
-            {"after": cursor, "stop": None, "k": wanted, "done": done_ids},
-        )
-    )
-    if len(hosts) < wanted and cursor:
-        # wrap around: the hosts up to the cursor (the cursor's own host included)
-        hosts += await _fetch(
-            conn,
-            driver,
-            _LOCK_HOSTS_SQL,
-            _LOCK_HOSTS_RAW,
-            {"after": "", "stop": cursor, "k": wanted - len(hosts), "done": done_ids},
-        )
-    if not hosts:
-        return Claim([], "", 0)
     params = {
-        "hosts": [row[0] for row in hosts],
-        "caps": [row[1] for row in hosts],
-        "delays": [row[2] for row in hosts],
+        "after": cursor,
         "n": limit,
+        "max_hosts": MAX_HOSTS_PER_CLAIM,
         "worker": worker_id,
         "lease": float(lease_s),
-        "done": done_ids,
+        "done": list(done),
+        "live_s": float(live_s),
     }
     rows = await _fetch(conn, driver, _CLAIM_SQL, _CLAIM_RAW, params)
-    return Claim([ClaimedTask(*row) for row in rows], hosts[-1][0], len(hosts))
+    meta = rows[-1]  # (no task) ... cursor, hosts locked
+    tasks = [ClaimedTask(*row[:8]) for row in rows[:-1]]
+    return Claim(tasks, meta[8], meta[9])
 
 
 # A fetch from a host with a delay between fetches is starting now: its next start may come

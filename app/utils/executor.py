@@ -102,6 +102,10 @@ def is_retryable_db_error(error: BaseException) -> bool:
     return isinstance(error, TRANSIENT_DB_ERRORS)
 
 
+# after a claim cut short by host room, the next claim waits for this many freed slots
+CLAIM_AFTER_FREED = 4
+
+
 class HeldConnection:
     """One pooled connection kept by an executor loop for its hot statements.
 
@@ -147,6 +151,16 @@ class HeldConnection:
         except BaseException:
             # no ROLLBACK round trip (it could hang on a dead server): the connection is
             # dropped, and the server rolls back what was open
+            await self.release(discard=True)
+            raise
+
+    @contextlib.asynccontextmanager
+    async def autocommit(self) -> AsyncIterator[tuple[AsyncConnection, Any]]:
+        """One statement that is its own transaction (no BEGIN/COMMIT round trips)."""
+        conn, driver = await self._acquire()
+        try:
+            yield conn, driver
+        except BaseException:
             await self.release(discard=True)
             raise
 
@@ -301,6 +315,7 @@ class AsyncJobExecutor:
         self._draining = False
         self._more_work = True
         self._room_bound = False
+        self._freed = 0  # host slots freed since the last claim (see _freed_slot)
         # jobs (among those this worker runs) whose webhook wants job.page events
         self._page_hook_jobs: set[uuid.UUID] = set()
         self._webhook_wake = asyncio.Event()
@@ -468,8 +483,16 @@ class AsyncJobExecutor:
 
     def _on_fetched(self, task_id: int) -> None:
         self._fetch_over.add(task_id)
+        self._freed_slot()
+
+    def _freed_slot(self) -> None:
+        """A task stopped occupying its host: after a claim cut short by host room, claim
+        again once a few slots are free (one claim per slot would keep PostgreSQL busy
+        with claims; the writer's flushes wake the claim loop too)."""
         if self._room_bound:
-            self._wake.set()  # a slot on its host is free again
+            self._freed += 1
+            if self._freed >= CLAIM_AFTER_FREED:
+                self._wake.set()
 
     async def _claim_loop(self) -> None:
         try:
@@ -494,8 +517,10 @@ class AsyncJobExecutor:
                 await self._wait_wake(self.settings.poll_interval)
                 continue
             asked = min(room, self.batch)
+            self._freed = 0
             try:
-                async with self._claim_conn.transaction() as (conn, driver):
+                # the claim is one statement (see queue.claim): no transaction around it
+                async with self._claim_conn.autocommit() as (conn, driver):
                     claimed = await queue.claim(
                         conn,
                         self.worker_id,
@@ -504,11 +529,15 @@ class AsyncJobExecutor:
                         driver=driver,
                         cursor=self._host_cursor,
                         done=self._fetched(),
+                        live_s=3 * self.settings.heartbeat_seconds,
                     )
-                    tasks = claimed.tasks
-                    job_ids = {t.job_id for t in tasks}
-                    new_jobs = job_ids - self._running_jobs
-                    if new_jobs:
+                tasks = claimed.tasks
+                job_ids = {t.job_id for t in tasks}
+                new_jobs = job_ids - self._running_jobs
+                if new_jobs:
+                    # a crash before this leaves the job queued until its tasks' leases
+                    # expire and another claim marks it running
+                    async with self._claim_conn.transaction() as (conn, _driver):
                         await queue.mark_jobs_running(conn, list(new_jobs))
                 if tasks:
                     await self._ensure_contexts(job_ids)
@@ -599,13 +628,15 @@ class AsyncJobExecutor:
         finally:
             self._inflight.pop(task.id, None)
             self._fetching.discard(task.id)
-            self._fetch_over.discard(task.id)
             ids = self._by_job.get(task.job_id)
             if ids is not None:
                 ids.discard(task.id)
                 if not ids:
                     del self._by_job[task.job_id]
-            if self._more_work or self._room_bound or self._draining:
+            if task.id not in self._fetch_over:
+                self._freed_slot()  # (a task that reported its fetch over counted then)
+            self._fetch_over.discard(task.id)
+            if self._more_work or self._draining:
                 self._wake.set()
 
     async def _execute(self, task: ClaimedTask, ctx: JobContext) -> Outcome:

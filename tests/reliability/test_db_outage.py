@@ -309,8 +309,9 @@ async def test_submissions_fail_fast_when_the_database_is_black_holed(
     assert took[-1] < bound, f"answers took {[round(t, 1) for t in took]} s; bound {bound} s"
 
 
-# the claim's UPDATE: the one statement that sets a task to 'leased'
-CLAIM_MARKER = rb"SET\s+status\s*=\s*'leased'"
+# the claim: the one statement that sets tasks to 'leased' (a function call, committed
+# on its own)
+CLAIM_MARKER = rb"trawler_claim\("
 
 
 async def test_a_claim_whose_commit_answer_is_lost_does_not_stall_its_job(

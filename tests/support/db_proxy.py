@@ -134,8 +134,9 @@ _GSSENC_REQUEST = 80877104
 
 class LostReplyProxy(Proxy):
     """A proxy that loses one reply: the COMMIT of a transaction that ran a statement
-    matching ``marker`` (a regex over the SQL text of the client's Parse/Query messages)
-    reaches the server, then the connection drops before the answer reaches the client.
+    matching ``marker`` (a regex over the SQL text of the client's Parse/Query messages),
+    or the Sync of such a statement run outside BEGIN (it commits on its own), reaches the
+    server, then the connection drops before the answer reaches the client.
 
     The server has committed; the client cannot know it (the classic ambiguous commit). It
     reads the PostgreSQL wire protocol of client -> server traffic to find that COMMIT, so
@@ -171,6 +172,14 @@ class LostReplyProxy(Proxy):
                     self._writers.discard(w)
                     w.transport.abort()
 
+    async def _lose(self, out: bytearray, sink: asyncio.StreamWriter, lost: asyncio.Event) -> None:
+        self.armed = False
+        lost.set()
+        sink.write(out)  # the commit (COMMIT, or the Sync of a lone statement) reaches the
+        await sink.drain()  # server ...
+        await asyncio.sleep(0.5)  # ... and is carried out
+        self.tripped.set()  # ... but its answer never comes back
+
     async def _server_to_client(
         self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, lost: asyncio.Event
     ) -> None:
@@ -196,6 +205,7 @@ class LostReplyProxy(Proxy):
         startup = True
         marked: set[bytes] = set()  # prepared statements whose SQL matches the marker
         in_marked_transaction = False
+        explicit = False  # inside BEGIN ... COMMIT (else a statement commits at its Sync)
         try:
             while data := await source.read(65536):
                 buffer += data
@@ -235,21 +245,26 @@ class LostReplyProxy(Proxy):
                         statement = body.partition(b"\0")[2].partition(b"\0")[0]
                         if statement in marked:
                             in_marked_transaction = True
+                    elif kind == b"S" and in_marked_transaction and not explicit:
+                        # Sync after a marked statement outside BEGIN: it commits now
+                        if self.armed:
+                            await self._lose(out, sink, lost)
+                            return
+                        in_marked_transaction = False
                     elif kind == b"Q":  # simple query
                         query = body.rstrip(b"\0").strip().upper()
+                        if query.startswith((b"BEGIN", b"START")):
+                            explicit = True
                         if self._marker.search(body):
                             in_marked_transaction = True
                         elif query.startswith((b"COMMIT", b"END")):
+                            explicit = False
                             if in_marked_transaction and self.armed:
-                                self.armed = False
-                                lost.set()
-                                sink.write(out)  # the COMMIT reaches the server ...
-                                await sink.drain()
-                                await asyncio.sleep(0.5)  # ... and is carried out
-                                self.tripped.set()
-                                return  # ... but its answer never comes back
+                                await self._lose(out, sink, lost)
+                                return
                             in_marked_transaction = False
                         elif query.startswith((b"ROLLBACK", b"ABORT")):
+                            explicit = False
                             in_marked_transaction = False
                 if out:
                     sink.write(out)
