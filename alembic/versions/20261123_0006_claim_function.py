@@ -137,7 +137,7 @@ BEGIN
         ), per_job AS (
             SELECT job_id, count(*) AS n FROM claimed GROUP BY job_id
         ), locked AS MATERIALIZED (
-            SELECT j.id FROM jobs j JOIN per_job p ON p.job_id = j.id ORDER BY j.id FOR UPDATE OF j
+            SELECT j.id FROM jobs j JOIN per_job p ON p.job_id = j.id ORDER BY j.id FOR NO KEY UPDATE OF j
         ), counted AS (
             UPDATE jobs j SET queued = j.queued - p.n, running = j.running + p.n, updated_at = now()
             FROM per_job p, locked l WHERE j.id = p.job_id AND l.id = j.id

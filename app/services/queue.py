@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -212,10 +212,20 @@ async def mark_jobs_running(conn: AsyncConnection, job_ids: Sequence[uuid.UUID])
     await transition(conn, job_ids, JobStatus.running)
 
 
-# Group commit of many outcomes. Only the current lease owner may complete a task
-# (status = 'leased' AND lease_owner = me): a worker whose lease expired and was taken
-# over stores nothing, so each task's page is stored exactly once (also backed by the
-# unique index on pages.task_id).
+# Group commit of many outcomes, in two statements of one transaction:
+#
+# 1. _COMPLETE_SQL ends the leases and stores the pages, without touching `jobs`: only the
+#    current lease owner may complete a task (status = 'leased' AND lease_owner = me), so a
+#    worker whose lease expired and was taken over stores nothing and each task's page is
+#    stored exactly once (also backed by the unique index on pages.task_id). It returns
+#    what changed per job.
+# 2. _SETTLE_SQL then locks the jobs rows (in id order), applies those counts, and adds the
+#    crawl links found as new tasks, deduplicated against the job's tasks by the unique URL
+#    hash and never more than follow.max_pages tasks in total: under the lock, concurrent
+#    completions of one job settle one after another and the cap is exact.
+#
+# The jobs rows are locked by the last statement before COMMIT, not the first: claims
+# (which move the same counters) wait for that lock, so it is held as briefly as possible.
 _COMPLETE_SQL = text(
     """
 WITH v AS (
@@ -232,21 +242,6 @@ WITH v AS (
     FROM v
     WHERE t.id = v.id AND t.status = 'leased' AND t.lease_owner = :worker
     RETURNING t.id, t.job_id, v.state
-), per_job AS (
-    SELECT job_id, count(*) AS n,
-           count(*) FILTER (WHERE state = 'retry') AS r,
-           count(*) FILTER (WHERE state = 'succeeded') AS s,
-           count(*) FILTER (WHERE state = 'failed') AS f,
-           count(*) FILTER (WHERE state = 'skipped') AS k
-    FROM upd GROUP BY job_id
-), locked AS MATERIALIZED (
-    SELECT j.id FROM jobs j JOIN per_job p ON p.job_id = j.id ORDER BY j.id FOR UPDATE OF j
-), counted AS (
-    UPDATE jobs j SET running = j.running - p.n, queued = j.queued + p.r,
-                      succeeded = j.succeeded + p.s, failed = j.failed + p.f,
-                      skipped = j.skipped + p.k, updated_at = now()
-    FROM per_job p, locked l WHERE j.id = p.job_id AND l.id = j.id
-    RETURNING j.id, j.queued, j.running
 ), stored AS (
     INSERT INTO pages (job_id, task_id, url, final_url, status_code, ok, depth,
                        content_type, elapsed_ms, data, error)
@@ -261,7 +256,12 @@ WITH v AS (
     JOIN upd ON upd.id = p.task_id AND upd.state IN ('succeeded', 'failed')
     ON CONFLICT (task_id) DO NOTHING
 )
-SELECT id, queued = 0 AND running = 0 AS drained FROM counted
+SELECT job_id, count(*) AS n,
+       count(*) FILTER (WHERE state = 'retry') AS r,
+       count(*) FILTER (WHERE state = 'succeeded') AS s,
+       count(*) FILTER (WHERE state = 'failed') AS f,
+       count(*) FILTER (WHERE state = 'skipped') AS k
+FROM upd GROUP BY job_id
 """
 )
 _COMPLETE_NAMES = (
@@ -269,7 +269,69 @@ _COMPLETE_NAMES = (
     "p_task", "p_url", "p_final", "p_code", "p_ok", "p_depth", "p_ctype", "p_ms", "p_data",
     "p_error",
 )  # fmt: skip
-_COMPLETE_RAW = _positional(_COMPLETE_SQL.text, _COMPLETE_NAMES)
+_COMPLETE_RAW = (_positional(_COMPLETE_SQL.text, _COMPLETE_NAMES), _COMPLETE_NAMES)
+
+_SETTLE_SQL = text(
+    """
+WITH d AS (
+    SELECT * FROM unnest(CAST(:jobs AS uuid[]), CAST(:n AS int[]), CAST(:r AS int[]),
+                         CAST(:s AS int[]), CAST(:f AS int[]), CAST(:k AS int[]))
+        AS d(job_id, n, r, s, f, k)
+), l AS (
+    SELECT * FROM unnest(CAST(:l_job AS uuid[]), CAST(:l_url AS text[]),
+                         CAST(:l_hash AS bytea[]), CAST(:l_host AS text[]),
+                         CAST(:l_depth AS int[]))
+        WITH ORDINALITY AS l(job_id, url, h, host, depth, ord)
+), locked AS MATERIALIZED (
+    SELECT j.id, j.total, j.status, j.priority, j.max_attempts,
+           coalesce(CAST(j.spec -> 'follow' ->> 'max_pages' AS int), 2147483647) AS cap
+    FROM jobs j WHERE j.id IN (SELECT job_id FROM d UNION SELECT job_id FROM l)
+    ORDER BY j.id
+    -- NO KEY UPDATE (what the counters UPDATE needs anyway), not UPDATE: the foreign-key
+    -- checks of other transactions' page and task inserts (KEY SHARE) do not wait for it
+    FOR NO KEY UPDATE OF j
+), fresh AS (
+    -- a probe of the unique index per link: a scalar subquery with LIMIT is never turned
+    -- into a join (as NOT EXISTS, the planner picked an anti join comparing every link
+    -- with every task of the job: quadratic, ~0.6 ms per link at 4,000 tasks)
+    SELECT l.job_id, l.url, l.h, l.host, l.depth,
+           row_number() OVER (PARTITION BY l.job_id ORDER BY l.ord) AS rn
+    FROM l
+    WHERE (SELECT 1 FROM tasks t WHERE t.job_id = l.job_id AND t.url_hash = l.h LIMIT 1)
+          IS NULL
+), ins AS (
+    INSERT INTO tasks (job_id, url, url_hash, host, depth, priority, max_attempts)
+    SELECT f.job_id, f.url, f.h, f.host, f.depth, k.priority, k.max_attempts
+    FROM fresh f JOIN locked k ON k.id = f.job_id
+    WHERE k.status IN ('queued', 'running') AND f.rn <= greatest(k.cap - k.total, 0)
+    ON CONFLICT (job_id, url_hash) DO NOTHING
+    RETURNING job_id, host
+), added AS (
+    SELECT job_id, count(*) AS c FROM ins GROUP BY job_id
+), host_rows AS (
+    INSERT INTO hosts (host) SELECT DISTINCT host FROM ins ON CONFLICT DO NOTHING
+), notified AS (
+    SELECT pg_notify(:channel, '') FROM (SELECT 1 FROM ins LIMIT 1) x
+), counted AS (
+    UPDATE jobs j SET
+        running = j.running - coalesce(d.n, 0),
+        queued = j.queued + coalesce(d.r, 0) + coalesce(a.c, 0),
+        total = j.total + coalesce(a.c, 0),
+        succeeded = j.succeeded + coalesce(d.s, 0), failed = j.failed + coalesce(d.f, 0),
+        skipped = j.skipped + coalesce(d.k, 0), updated_at = now()
+    FROM locked k LEFT JOIN d ON d.job_id = k.id LEFT JOIN added a ON a.job_id = k.id
+    WHERE j.id = k.id
+    RETURNING j.id, j.queued, j.running, coalesce(a.c, 0) AS added
+)
+SELECT id, queued = 0 AND running = 0 AS drained, added, (SELECT count(*) FROM notified)
+FROM counted
+"""
+)
+_SETTLE_NAMES = (
+    "jobs", "n", "r", "s", "f", "k", "l_job", "l_url", "l_hash", "l_host", "l_depth",
+    "channel",
+)  # fmt: skip
+_SETTLE_RAW = (_positional(_SETTLE_SQL.text, _SETTLE_NAMES), _SETTLE_NAMES)
 
 
 def _dumps(value: Any) -> str:
@@ -297,104 +359,92 @@ def _complete_params(worker_id: uuid.UUID, outcomes: Sequence[Outcome]) -> dict[
     }
 
 
+def _settle_params(
+    deltas: Sequence[Sequence[Any]], links: Mapping[uuid.UUID, Sequence[tuple[str, int]]]
+) -> dict[str, Any]:
+    """Per-job counts (job, n, r, s, f, k) and new links; links deduplicated per job."""
+    params: dict[str, Any] = {
+        name: [row[i] for row in deltas] for i, name in enumerate(("jobs", "n", "r", "s", "f", "k"))
+    }
+    l_job: list[uuid.UUID] = []
+    l_url: list[str] = []
+    l_hash: list[bytes] = []
+    l_host: list[str] = []
+    l_depth: list[int] = []
+    for job_id, found in links.items():
+        seen: set[bytes] = set()
+        for url, depth in found:
+            digest = url_hash(url)
+            if digest in seen:
+                continue
+            seen.add(digest)
+            l_job.append(job_id)
+            l_url.append(url)
+            l_hash.append(digest)
+            l_host.append(url_host(url))
+            l_depth.append(depth)
+    params.update(
+        l_job=l_job, l_url=l_url, l_hash=l_hash, l_host=l_host, l_depth=l_depth,
+        channel=NOTIFY_TASKS,
+    )  # fmt: skip
+    return params
+
+
+async def _settle(
+    conn: AsyncConnection,
+    deltas: Sequence[Sequence[Any]],
+    links: Mapping[uuid.UUID, Sequence[tuple[str, int]]],
+    driver: Any = None,
+) -> tuple[set[uuid.UUID], int]:
+    """Apply per-job counts and add new links (see _SETTLE_SQL): the drained jobs and how
+    many tasks were added."""
+    if not deltas and not links:
+        return set(), 0
+    rows = await _fetch(conn, driver, _SETTLE_SQL, _SETTLE_RAW, _settle_params(deltas, links))
+    return {row[0] for row in rows if row[1]}, sum(row[2] for row in rows)
+
+
 async def complete(
     conn: AsyncConnection,
     worker_id: uuid.UUID,
     outcomes: Sequence[Outcome],
     *,
     driver: Any = None,
+    before_settle: Callable[[], Awaitable[Any]] | None = None,
 ) -> list[uuid.UUID]:
     """Store a batch of outcomes; returns the jobs that reached a terminal state.
 
-    With `driver` (the asyncpg connection under `conn`) the statement goes straight to the
+    With `driver` (the asyncpg connection under `conn`) the statements go straight to the
     driver; the caller then runs this inside a transaction opened on `driver`, with `conn`
     in AUTOCOMMIT mode so that finish_if_done (through `conn`) joins that transaction.
+    `before_settle` runs more work of the transaction before the jobs rows are locked.
     """
     if not outcomes:
         return []
-    params = _complete_params(worker_id, outcomes)
-    if driver is not None:
-        rows = await driver.fetch(_COMPLETE_RAW, *(params[name] for name in _COMPLETE_NAMES))
-    else:
-        rows = (await conn.execute(_COMPLETE_SQL, params)).all()
-    drained = {row[0] for row in rows if row[1]}
+    deltas = await _fetch(
+        conn, driver, _COMPLETE_SQL, _COMPLETE_RAW, _complete_params(worker_id, outcomes)
+    )
+    if before_settle is not None:
+        await before_settle()
     # crawl links join the frontier in the same transaction, before the job can close
     links: dict[uuid.UUID, list[tuple[str, int]]] = {}
     for outcome in outcomes:
         if outcome.links:
             links.setdefault(outcome.job_id, []).extend(outcome.links)
-    for job_id, found in links.items():
-        if await enqueue_links(conn, job_id, found):
-            drained.discard(job_id)
+    drained, _added = await _settle(conn, deltas, links, driver)
     # only a job left with nothing queued or leased can finish (its row is locked by this
     # transaction, so the counters just returned are the ones finish_if_done will see)
     return await finish_if_done(conn, drained)
-
-
-# New crawl links, deduplicated against the job's tasks by the unique URL hash, and never
-# more than follow.max_pages tasks in total: the job row is locked (FOR UPDATE), so
-# concurrent completions of one job enqueue one after another and the cap is exact.
-_ENQUEUE_LINKS_SQL = text(
-    """
-WITH j AS (
-    SELECT id, total, priority, max_attempts,
-           coalesce(CAST(spec -> 'follow' ->> 'max_pages' AS int), 2147483647) AS cap
-    FROM jobs WHERE id = :job AND status IN ('queued', 'running')
-    FOR UPDATE
-), fresh AS (
-    SELECT u.url, u.h, u.host, u.depth
-    FROM unnest(CAST(:urls AS text[]), CAST(:hashes AS bytea[]), CAST(:hosts AS text[]),
-                CAST(:depths AS int[])) WITH ORDINALITY AS u(url, h, host, depth, ord)
-    -- a probe of the unique index per link: a scalar subquery with LIMIT is never turned
-    -- into a join, so the planner cannot pick an anti join that compares every link with
-    -- every task of the job (under the LIMIT below it did: quadratic, ~0.6 ms per link
-    -- at 4,000 tasks)
-    WHERE (SELECT 1 FROM tasks t WHERE t.job_id = :job AND t.url_hash = u.h LIMIT 1) IS NULL
-    ORDER BY u.ord
-    LIMIT (SELECT greatest(cap - total, 0) FROM j)
-), ins AS (
-    INSERT INTO tasks (job_id, url, url_hash, host, depth, priority, max_attempts)
-    SELECT j.id, f.url, f.h, f.host, f.depth, j.priority, j.max_attempts FROM fresh f, j
-    ON CONFLICT (job_id, url_hash) DO NOTHING
-    RETURNING host
-), host_rows AS (
-    INSERT INTO hosts (host) SELECT DISTINCT host FROM ins ON CONFLICT DO NOTHING
-), counted AS (
-    UPDATE jobs SET total = total + (SELECT count(*) FROM ins),
-                    queued = queued + (SELECT count(*) FROM ins), updated_at = now()
-    WHERE id = (SELECT id FROM j)
-)
-SELECT count(*) FROM ins
-"""
-)
 
 
 async def enqueue_links(
     conn: AsyncConnection, job_id: uuid.UUID, links: Sequence[tuple[str, int]]
 ) -> int:
     """Add a crawl page's links as new tasks of its job; returns how many were new."""
-    seen: set[bytes] = set()
-    urls: list[str] = []
-    hashes: list[bytes] = []
-    hosts: list[str] = []
-    depths: list[int] = []
-    for url, depth in links:
-        digest = url_hash(url)
-        if digest in seen:
-            continue
-        seen.add(digest)
-        urls.append(url)
-        hashes.append(digest)
-        hosts.append(url_host(url))
-        depths.append(depth)
-    params = {"job": job_id, "urls": urls, "hashes": hashes, "hosts": hosts, "depths": depths}
-    inserted = int((await conn.execute(_ENQUEUE_LINKS_SQL, params)).scalar_one())
-    if inserted:
-        await conn.execute(text("SELECT pg_notify(:c, '')"), {"c": NOTIFY_TASKS})
-    return inserted
+    _drained, added = await _settle(conn, [], {job_id: links})
+    return added
 
 
-# Give leases back (graceful shutdown): the attempt did not happen, so it is not counted.
 _RELEASE_SQL = text(
     """
 WITH upd AS (
@@ -409,7 +459,7 @@ WITH upd AS (
 ), per_job AS (
     SELECT job_id, count(*) AS n FROM upd GROUP BY job_id
 ), locked AS MATERIALIZED (
-    SELECT j.id FROM jobs j JOIN per_job p ON p.job_id = j.id ORDER BY j.id FOR UPDATE OF j
+    SELECT j.id FROM jobs j JOIN per_job p ON p.job_id = j.id ORDER BY j.id FOR NO KEY UPDATE OF j
 ), counted AS (
     UPDATE jobs j SET running = j.running - p.n, queued = j.queued + p.n, updated_at = now()
     FROM per_job p, locked l WHERE j.id = p.job_id AND l.id = j.id
@@ -470,7 +520,7 @@ WITH lost AS (
            count(*) FILTER (WHERE status = 'failed') AS f
     FROM upd GROUP BY job_id
 ), locked AS MATERIALIZED (
-    SELECT j.id FROM jobs j JOIN per_job p ON p.job_id = j.id ORDER BY j.id FOR UPDATE OF j
+    SELECT j.id FROM jobs j JOIN per_job p ON p.job_id = j.id ORDER BY j.id FOR NO KEY UPDATE OF j
 ), counted AS (
     UPDATE jobs j SET running = j.running - p.n, queued = j.queued + p.q,
                       failed = j.failed + p.f, updated_at = now()

@@ -732,10 +732,21 @@ class AsyncJobExecutor:
         while self._outcomes:
             chunk = self._outcomes[: self._chunk]
             try:
+                page_events = 0
                 async with self._writer_conn.transaction() as (conn, driver):
-                    finished = await queue.complete(conn, self.worker_id, chunk, driver=driver)
-                    # job.page outbox rows, in the transaction that stored the pages
-                    page_events = await self._record_page_events(conn, chunk)
+
+                    async def record_page_events(chunk: list[Outcome] = chunk) -> None:
+                        # job.page outbox rows, in the transaction that stores the pages
+                        nonlocal page_events
+                        page_events = await self._record_page_events(conn, chunk)
+
+                    finished = await queue.complete(
+                        conn,
+                        self.worker_id,
+                        chunk,
+                        driver=driver,
+                        before_settle=record_page_events,
+                    )
             except TRANSIENT_DB_ERRORS as error:
                 if not is_retryable_db_error(error):
                     logger.exception("storing %d outcomes failed", len(chunk))

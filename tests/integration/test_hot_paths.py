@@ -235,7 +235,6 @@ async def test_link_enqueue_probes_the_dedupe_index_per_link(db: ConnectionManag
     """Enqueueing a page's links looks each one up in the unique index: no join that
     compares every link with every task of the job (the planner chose one under the
     statement's LIMIT, which made the frontier's growth quadratic)."""
-    from app.scraper.urls import url_hash, url_host
     from app.services import queue
     from tests.support.jobs import create_job
 
@@ -248,21 +247,21 @@ async def test_link_enqueue_probes_the_dedupe_index_per_link(db: ConnectionManag
         assert await queue.enqueue_links(conn, job_id, first) == 1500
 
     links = [f"http://site.example/p/{n}" for n in range(1000, 2000)]  # half known
-    statement = queue._positional(
-        queue._ENQUEUE_LINKS_SQL.text, ("job", "urls", "hashes", "hosts", "depths")
-    )
-    args = (job_id, links, [url_hash(u) for u in links], [url_host(u) for u in links])
+    statement, names = queue._SETTLE_RAW
+    params = queue._settle_params([], {job_id: [(u, 1) for u in links]})
     async with db.driver() as driver:
         explained = driver.transaction()
         await explained.start()  # EXPLAIN ANALYZE runs the insert: rolled back below
         try:
             rows = await driver.fetch(
-                "EXPLAIN (ANALYZE, COSTS OFF) " + statement, *args, [1] * 1000
+                "EXPLAIN (ANALYZE, COSTS OFF) " + statement, *(params[n] for n in names)
             )
         finally:
             await explained.rollback()
     plan = "\n".join(row[0] for row in rows)
-    assert "Anti Join" not in plan and "Join Filter" not in plan, plan
-    assert "uq_tasks_job_url_hash" in plan, plan
+    # no join against the job's tasks: one index probe per link (1,000 links)
+    assert "Anti Join" not in plan, plan
+    probe = [line for line in plan.splitlines() if "Scan using uq_tasks_job_url_hash" in line]
+    assert probe and all("loops=1000)" in line for line in probe), plan
     async with db.connect() as conn:
         assert await queue.enqueue_links(conn, job_id, [(u, 1) for u in links]) == 500
