@@ -73,7 +73,7 @@ Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 _watching: weakref.WeakSet[PgListener] = weakref.WeakSet()
 
 
-def _watch_revocations(app: FastAPI) -> None:
+def watch_revocations(app: FastAPI) -> None:
     """Subscribe the key cache to revocations (NOTIFY trawler_keys) on this app's LISTEN
     connection, once; it is created on first use, like the SSE streams'."""
     listener: PgListener | None = getattr(app.state, "pg_listener", None)
@@ -95,7 +95,7 @@ async def get_principal(request: Request, credentials: Credentials) -> Principal
     """
     if credentials is None:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-    _watch_revocations(request.app)
+    watch_revocations(request.app)
     key = credentials.credentials.strip()
     principal, due = apikeys.cached_principal(key)
     if principal is None:

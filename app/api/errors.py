@@ -111,6 +111,29 @@ def allowed_methods(request: Request) -> str | None:
     return ", ".join(sorted(methods)) or None
 
 
+# what the app answers for a database error (its handler for these classes)
+DATABASE_ERRORS: tuple[type[Exception], ...] = (*_UNAVAILABLE, sa_exc.DBAPIError)
+
+
+def database_problem(method: str, path: str, error: Exception) -> JSONResponse:
+    """A database error as problem+json: 503 + Retry-After when the database is out of
+    reach, 422 for text PostgreSQL cannot store, else 500 (logged)."""
+    if is_unstorable_text(error):
+        return problem(422, "Unprocessable Content", UNSTORABLE_TEXT, instance=path)
+    if not _is_unavailable(error):
+        logger.exception("unhandled database error on %s", path, exc_info=error)
+        return problem(500, "Internal Server Error", "internal error", instance=path)
+    detail, retry_after = unavailable_detail(error)
+    logger.warning("%s %s: %s (%s)", method, path, detail, error)
+    return problem(
+        503,
+        "Service Unavailable",
+        detail,
+        instance=path,
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """The problem+json renderers, and their documentation in /openapi.json."""
     from app.api.openapi import install_openapi  # it imports this module
@@ -166,22 +189,7 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     async def _database(request: Request, error: Exception) -> JSONResponse:
-        if is_unstorable_text(error):
-            return problem(422, "Unprocessable Content", UNSTORABLE_TEXT, instance=request.url.path)
-        if not _is_unavailable(error):
-            logger.exception("unhandled database error on %s", request.url.path, exc_info=error)
-            return problem(
-                500, "Internal Server Error", "internal error", instance=request.url.path
-            )
-        detail, retry_after = unavailable_detail(error)
-        logger.warning("%s %s: %s (%s)", request.method, request.url.path, detail, error)
-        return problem(
-            503,
-            "Service Unavailable",
-            detail,
-            instance=request.url.path,
-            headers={"Retry-After": str(retry_after)},
-        )
+        return database_problem(request.method, request.url.path, error)
 
-    for cls in (*_UNAVAILABLE, sa_exc.DBAPIError):
+    for cls in DATABASE_ERRORS:
         app.add_exception_handler(cls, _database)

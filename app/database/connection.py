@@ -189,7 +189,7 @@ class DatabaseUnavailable(Exception):
 
 
 # Errors that mean "the database is not reachable right now", not "the code is wrong".
-UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
     DatabaseUnavailable,
     exc.TimeoutError,  # pool checkout timed out
     exc.OperationalError,

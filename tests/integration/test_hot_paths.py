@@ -11,8 +11,10 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import Request
 from sqlalchemy import text
 
+from app.api.deps import Credentials, get_principal
 from app.api.schemas import CrawlCreate, ScrapeCreate
 from app.database.connection import ConnectionManager
 from app.services import apikeys, jobs
@@ -265,3 +267,34 @@ async def test_link_enqueue_probes_the_dedupe_index_per_link(db: ConnectionManag
     assert probe and all("loops=1000)" in line for line in probe), plan
     async with db.connect() as conn:
         assert await queue.enqueue_links(conn, job_id, [(u, 1) for u in links]) == 500
+
+
+async def test_get_job_is_answered_before_routing_once_the_key_is_known(
+    app: Any, client: httpx.AsyncClient, auth_headers: Headers, other_headers: Headers
+) -> None:
+    """A cached key reading its own job is answered by HotReadMiddleware (no dependency
+    runs); a first use of a key, another tenant's job or a bad id go through the app."""
+    resolved = 0
+
+    async def counting(request: Request, credentials: Credentials) -> Any:
+        nonlocal resolved
+        resolved += 1
+        return await get_principal(request, credentials)
+
+    app.dependency_overrides[get_principal] = counting
+    job_id = await _submit(client, auth_headers, "http://example.com/hot")  # the key cached
+    calls = resolved
+    first = await client.get(f"{JOBS}/{job_id}", headers=auth_headers)
+    again = await client.get(f"{JOBS}/{job_id}", headers=auth_headers)
+    assert first.status_code == again.status_code == 200
+    assert first.content == again.content
+    assert first.headers["content-type"] == "application/json"
+    assert "x-request-id" in first.headers  # still inside the observability middleware
+    assert resolved == calls  # neither read went through FastAPI's dependencies
+
+    other = await client.get(f"{JOBS}/{job_id}", headers=other_headers)
+    assert other.status_code == 404
+    assert other.headers["content-type"] == "application/problem+json"
+    assert resolved > calls  # the app answered it
+    upper = await client.get(f"{JOBS}/{job_id.upper()}", headers=auth_headers)
+    assert upper.status_code == 200 and upper.content == first.content  # the app's path
