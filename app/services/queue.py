@@ -87,8 +87,8 @@ class Outcome:
     links: list[tuple[str, int]] = field(default_factory=list)
 
 
-# THE CLAIM, two statements run by one call of the function trawler_claim() (migration
-# 0006; one round trip, so the hosts' row locks last only as long as PostgreSQL's own work,
+# THE CLAIM, two statements run by one call of the function trawler_claim() (migrations
+# 0006, 0007; one round trip, so the hosts' row locks last only as long as PostgreSQL's own work,
 # not across round trips to a worker whose event loop is busy parsing pages), so that
 # per-host politeness holds across every worker process:
 #
@@ -102,9 +102,10 @@ class Outcome:
 #    it sees every lease committed by the previous holder of each lock. Per host it counts
 #    the leased tasks (fetches in flight, cluster-wide; ix_tasks_host_leased) and takes at
 #    most `max_concurrency - leased` of its best due tasks (priority, due time, FIFO).
-#    Leased tasks the claiming worker names in `done` are not counted: their fetch is
-#    over and only the storing of their page is pending, so they hold no connection to
-#    the host (other workers' such tasks still count: a safe over-estimate). A worker
+#    Leased tasks whose requests are over (parsing, or waiting to be stored) hold no
+#    connection to the host and are not counted: the claiming worker names its own in
+#    `done`, the function marks them (tasks.fetched_at, cleared when a task is leased)
+#    and every worker's claim skips marked tasks from then on. A worker
 #    takes at most its share of a host's limit, split evenly among the running workers
 #    (heartbeat within `live_s`): otherwise the worker whose fetch ended first claims the
 #    freed slot again at once and a second worker on a one-host crawl starves. A
@@ -163,11 +164,11 @@ async def claim(
 
     `cursor` is the last host the previous claim locked: the walk over hosts starts after
     it and wraps around, so every host with work gets its turn. `done`: this worker's
-    leased tasks whose fetch has ended (outcome not stored yet); they free their host's
-    room at once instead of at the store. `live_s`: workers whose heartbeat is older are
-    not counted among those sharing a host's room. With `driver` (the asyncpg
-    connection under `conn`, inside a transaction the caller opened on it) the statements
-    go straight to the driver: the executor's fast path.
+    leased tasks whose requests are over (outcome not stored yet); they free their
+    host's room, for every worker, at once instead of at the store. `live_s`: workers
+    whose heartbeat is older are not counted among those sharing a host's room. With
+    `driver` (the asyncpg connection under `conn`, inside a transaction the caller opened
+    on it) the statements go straight to the driver: the executor's fast path.
     """
     # a claim serves at most MAX_HOSTS_PER_CLAIM hosts; the cursor brings the others' turn
     params = {

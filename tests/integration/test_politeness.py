@@ -80,11 +80,11 @@ async def test_room_returns_as_leases_end(db: ConnectionManager) -> None:
     assert await leased_by_host(db) == {"busy.example": 4}
 
 
-async def test_fetched_tasks_free_room_for_their_own_worker_only(db: ConnectionManager) -> None:
-    """A worker's leased tasks whose fetch is over (page not stored yet) free their host's
-    room for that worker's next claim; another worker still counts them (it cannot know)."""
+async def test_fetched_tasks_free_room_for_every_worker(db: ConnectionManager) -> None:
+    """Leased tasks whose requests are over (page not stored yet), once their worker names
+    them in a claim, no longer count against their host, in any worker's claim."""
     await create_job(db, [f"http://busy.example/{n}" for n in range(10)], host_limit=3)
-    me = uuid.uuid4()
+    me, other = uuid.uuid4(), uuid.uuid4()
 
     async def claim_as(worker: uuid.UUID, done: list[int]) -> queue.Claim:
         async with db.connect() as conn:
@@ -93,14 +93,18 @@ async def test_fetched_tasks_free_room_for_their_own_worker_only(db: ConnectionM
     first = await claim_as(me, [])
     assert len(first.tasks) == 3
     fetched = [t.id for t in first.tasks[:2]]  # two fetches over, one still running
-    assert (await claim_as(uuid.uuid4(), [])).tasks == []  # another worker: host is full
-    # naming tasks that are not leased frees nothing: only leased ones are discounted
+    assert (await claim_as(other, [])).tasks == []  # not named yet: the host is full
+    # naming tasks that are not ours, or not leased, frees nothing
+    assert (await claim_as(other, fetched)).tasks == []
     assert (await claim_as(me, [10**12, 10**12 + 1])).tasks == []
     second = await claim_as(me, fetched)
     assert len(second.tasks) == 2
     # 5 leased now, but at most 3 fetching: the 2 fetched tasks and 3 in flight
     assert await leased_by_host(db) == {"busy.example": 5}
-    assert (await claim_as(me, fetched)).tasks == []
+    assert (await claim_as(other, [])).tasks == []  # 3 in flight: full for everyone
+    await finish(db, queue.Claim(second.tasks, second.cursor, second.hosts))
+    third = await claim_as(other, [])  # the marks hold for the other worker too
+    assert len(third.tasks) == 2
 
 
 async def test_a_saturated_host_does_not_stall_other_hosts(db: ConnectionManager) -> None:
