@@ -178,7 +178,7 @@ class Task(Base):
     lease_owner: Mapped[uuid.UUID | None]
     lease_expires_at: Mapped[datetime | None]
     # set while leased once the task's requests are over (parsing, storing): the claim
-    # no longer counts it against its host (migration 0007)
+    # no longer counts it against its host (migration 0006)
     fetched_at: Mapped[datetime | None]
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _now()

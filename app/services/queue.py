@@ -87,10 +87,10 @@ class Outcome:
     links: list[tuple[str, int]] = field(default_factory=list)
 
 
-# THE CLAIM, two statements run by one call of the function trawler_claim() (migrations
-# 0006, 0007; one round trip, so the hosts' row locks last only as long as PostgreSQL's own work,
-# not across round trips to a worker whose event loop is busy parsing pages), so that
-# per-host politeness holds across every worker process:
+# THE CLAIM, two statements run by one call of the function trawler_claim() (migration
+# 0006; one round trip, so the hosts' row locks last only as long as PostgreSQL's own
+# work, not across round trips to a worker whose event loop is busy parsing pages), so
+# that per-host politeness holds across every worker process:
 #
 # 1. the first statement walks the hosts that have queued work (a skip scan over
 #    ix_tasks_claim, which is led by host), starting after the caller's round-robin
