@@ -79,8 +79,9 @@ UNSTORABLE_TEXT = "text must not contain NUL (U+0000) characters"
 
 
 def is_unstorable_text(error: BaseException) -> bool:
-    orig = getattr(error, "orig", None) if isinstance(error, sa_exc.DBAPIError) else None
-    return getattr(orig, "sqlstate", None) in _UNSTORABLE_TEXT_SQLSTATES
+    """Through SQLAlchemy (the driver's error is `orig`) or straight from asyncpg."""
+    source = error.orig if isinstance(error, sa_exc.DBAPIError) else error
+    return getattr(source, "sqlstate", None) in _UNSTORABLE_TEXT_SQLSTATES
 
 
 def unavailable_detail(error: BaseException) -> tuple[str, int]:

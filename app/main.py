@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from app import __version__
 from app.api.errors import install_error_handlers
-from app.api.hot_read import HotReadMiddleware
+from app.api.hot_paths import HotPathMiddleware
 from app.api.resources import run_cleanups
 from app.api.routes import (
     admin,
@@ -116,9 +116,9 @@ def create_app(
     install_error_handlers(app)
     # request ids (logging context, X-Request-ID) and HTTP latency by route for /metrics
     app.state.http_metrics = HttpMetrics()
-    # the hottest read (GET /api/v1/jobs/{id}) answered before routing; inside the request
-    # ids and metrics (the middleware added last is the outermost)
-    app.add_middleware(HotReadMiddleware)
+    # the hottest routes (GET /api/v1/jobs/{id}, POST /api/v1/scrape and /crawl) answered
+    # before routing; inside the request ids and metrics (the last added is the outermost)
+    app.add_middleware(HotPathMiddleware)
     app.add_middleware(ObservabilityMiddleware, metrics=app.state.http_metrics)
     app.include_router(health.router)
     app.include_router(scraper.router)

@@ -9,6 +9,7 @@ import logging
 import re
 from typing import Any
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -44,6 +45,7 @@ __all__ = [
     "Unauthorized",
     "Unprocessable",
     "allowed_methods",
+    "domain_problem",
     "install_error_handlers",
     "is_unstorable_text",
     "problem",
@@ -111,8 +113,25 @@ def allowed_methods(request: Request) -> str | None:
     return ", ".join(sorted(methods)) or None
 
 
-# what the app answers for a database error (its handler for these classes)
-DATABASE_ERRORS: tuple[type[Exception], ...] = (*_UNAVAILABLE, sa_exc.DBAPIError)
+def domain_problem(path: str, error: TrawlerError) -> JSONResponse:
+    """A domain error (404, 409, 422, 429 ...) as problem+json."""
+    return problem(
+        error.status,
+        error.title,
+        error.detail,
+        instance=path,
+        headers=error.headers,
+        extra=error.extra,
+    )
+
+
+# what the app answers for a database error (its handler for these classes); asyncpg's
+# own errors come from statements sent straight to the driver (ConnectionManager.driver)
+DATABASE_ERRORS: tuple[type[Exception], ...] = (
+    *_UNAVAILABLE,
+    sa_exc.DBAPIError,
+    asyncpg.PostgresError,
+)
 
 
 def database_problem(method: str, path: str, error: Exception) -> JSONResponse:
@@ -142,14 +161,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(TrawlerError)
     async def _domain(request: Request, error: TrawlerError) -> JSONResponse:
-        return problem(
-            error.status,
-            error.title,
-            error.detail,
-            instance=request.url.path,
-            headers=error.headers,
-            extra=error.extra,
-        )
+        return domain_problem(request.url.path, error)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -1,5 +1,6 @@
 """Per-process API resources created on first use and kept on app.state: the shared HTTP
-Fetcher (preview), the SSRF guard, the LISTEN connection and the job event hub (SSE).
+Fetcher (preview), the SSRF guard, the LISTEN connection, the job event hub (SSE) and the
+executors' wake-up after submissions (TaskWaker).
 
 Each registers its close in `app.state.cleanups`, which the lifespan in app.main runs at
 shutdown (last registered first, before the database is disposed). Creation is
@@ -18,6 +19,7 @@ from app.database.listener import PgListener
 from app.scraper.fetch import Fetcher
 from app.scraper.ssrf import SSRFGuard
 from app.services.events import JobEventHub
+from app.services.wakeups import TaskWaker
 
 Cleanup = Callable[[], Awaitable[None]]
 
@@ -34,7 +36,7 @@ async def run_cleanups(app: FastAPI) -> None:
     """Close every registered resource, newest first; the state forgets them all."""
     cleanups: list[Cleanup] = getattr(app.state, "cleanups", None) or []
     app.state.cleanups = []
-    for name in ("fetcher", "ssrf_guard", "pg_listener", "job_events"):
+    for name in ("fetcher", "ssrf_guard", "pg_listener", "job_events", "task_waker"):
         if hasattr(app.state, name):
             delattr(app.state, name)
     for cleanup in reversed(cleanups):
@@ -106,6 +108,15 @@ def get_job_events(app: FastAPI) -> JobEventHub:
     return hub
 
 
+def get_task_waker(app: FastAPI) -> TaskWaker:
+    waker: TaskWaker | None = _cached(app, "task_waker")
+    if waker is None:
+        waker = TaskWaker(app.state.db)
+        app.state.task_waker = waker
+        add_cleanup(app, waker.settle)
+    return waker
+
+
 async def _guard_dep(request: Request) -> SSRFGuard:
     return get_guard(request.app)
 
@@ -118,6 +129,11 @@ async def _job_events_dep(request: Request) -> JobEventHub:
     return get_job_events(request.app)
 
 
+async def _task_waker_dep(request: Request) -> TaskWaker:
+    return get_task_waker(request.app)
+
+
 GuardDep = Annotated[SSRFGuard, Depends(_guard_dep)]
+TaskWakerDep = Annotated[TaskWaker, Depends(_task_waker_dep)]
 FetcherDep = Annotated[Fetcher, Depends(_fetcher_dep)]
 JobEventsDep = Annotated[JobEventHub, Depends(_job_events_dep)]

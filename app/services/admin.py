@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 
+import asyncpg
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import insert, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -35,6 +36,7 @@ from app.database.models import (
     KeyRole,
     WorkerState,
 )
+from app.database.statements import Executor, Statement
 from app.errors import Conflict, NotFound, TooManyRequests, TrawlerError
 from app.logging import request_id_var
 from app.services import apikeys, queue
@@ -630,7 +632,7 @@ active AS (
         LIMIT :cap
     ) a
 )"""
-_ADMIT_RATE_SQL = text(
+_ADMIT_RATE = Statement(
     f"""
 WITH {_ADMIT_ACTIVE_CTE}, admit AS (
     INSERT INTO tenant_limits AS l (tenant, tat)
@@ -646,7 +648,7 @@ SELECT (SELECT n FROM active) AS active, EXISTS (SELECT 1 FROM admit) AS admitte
         FROM tenant_limits l WHERE l.tenant = :tenant) AS ahead_s
 """
 )
-_ADMIT_ACTIVE_SQL = text(
+_ADMIT_ACTIVE = Statement(
     f"WITH {_ADMIT_ACTIVE_CTE} SELECT n AS active, "
     "n + CAST(:pending AS int) + CAST(:jobs AS int) <= :cap AS admitted, "
     "CAST(NULL AS float8) AS ahead_s FROM active"
@@ -663,7 +665,7 @@ _pending: dict[str, int] = {}
 
 
 async def _admit(
-    session: AsyncSession,
+    session: AsyncSession | asyncpg.Connection,
     settings: Settings,
     tenant: str,
     jobs: int,
@@ -679,8 +681,12 @@ async def _admit(
     # autocommit: one round trip, and the one-statement submission that follows on this
     # session still commits as it completes; otherwise the check joins (or begins) the
     # request's transaction, which then holds the tenant's row until it commits
-    options = {"isolation_level": "AUTOCOMMIT"} if autocommit else None
-    conn = await session.connection(execution_options=None if session.in_transaction() else options)
+    # (the driver connection of ConnectionManager.driver() autocommits already)
+    conn: Executor = session
+    if isinstance(session, AsyncSession):
+        options = {"isolation_level": "AUTOCOMMIT"} if autocommit else None
+        fresh = not session.in_transaction()
+        conn = await session.connection(execution_options=options if fresh else None)
     # with the cap off, LIMIT 0 makes the count free and `0 + 0 + 0 <= 0` admits
     params: dict[str, Any] = {
         "tenant": tenant,
@@ -693,11 +699,8 @@ async def _admit(
         interval = 1.0 / rate
         tau = (settings.tenant_submit_burst - 1) * interval
         params.update(interval=interval, tau=tau)
-    row = (
-        (await conn.execute(_ADMIT_RATE_SQL if rate else _ADMIT_ACTIVE_SQL, params))
-        .mappings()
-        .one()
-    )
+    row = await (_ADMIT_RATE if rate else _ADMIT_ACTIVE).fetch_one(conn, params)
+    assert row is not None  # one row, always
     if row["admitted"]:
         return
     active, submitting = int(row["active"]), params["pending"]
@@ -718,7 +721,7 @@ async def _admit(
 
 @asynccontextmanager
 async def admitted(
-    session: AsyncSession,
+    session: AsyncSession | asyncpg.Connection,
     settings: Settings,
     tenant: str,
     *,
@@ -729,6 +732,7 @@ async def admitted(
     Retry-After). Run the submission inside the block: until it ends, the jobs count as
     the tenant's in this process. `autocommit` only for a session whose next work is one
     statement that commits by itself (jobs.submit_job); never before multi-statement work.
+    On a driver connection (ConnectionManager.driver()) each statement autocommits.
     """
     if not (jobs and settings.tenant_max_active_jobs):
         await _admit(session, settings, tenant, 0, autocommit=autocommit)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 import orjson
 from sqlalchemy import Select, select, text, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -40,6 +41,7 @@ from app.api.schemas import (
 )
 from app.database.connection import ConnectionManager
 from app.database.models import Job, JobKind, JobStatus
+from app.database.statements import Statement
 from app.errors import UNSTORABLE_TEXT, Conflict, NotFound, Unprocessable
 from app.scraper.ssrf import BlockedTarget, SSRFGuard
 from app.services import state
@@ -112,11 +114,11 @@ def request_hash(request: JobSpecBase) -> str:
 
 
 # One round trip: the job row with its counters already set, every task (the URLs are
-# deduplicated beforehand, so no ON CONFLICT is needed there), and the executor wake-up,
-# which PostgreSQL delivers only when this transaction commits. With an idempotency key
-# already taken, the job CTE inserts nothing, so neither do the tasks; the caller then
-# reads the winner.
-_SUBMIT_SQL = text(
+# deduplicated beforehand, so no ON CONFLICT is needed there), and, unless :notify is
+# false, the executor wake-up, which PostgreSQL delivers only when this transaction
+# commits. With an idempotency key already taken, the job CTE inserts nothing, so neither
+# do the tasks; the caller then reads the winner.
+_SUBMIT = Statement(
     f"""
 WITH job AS (
     INSERT INTO jobs (id, tenant, kind, priority, max_attempts, spec, idempotency_key,
@@ -156,12 +158,17 @@ WITH job AS (
     ON CONFLICT (host) DO UPDATE SET
         max_concurrency = EXCLUDED.max_concurrency, delay_ms = EXCLUDED.delay_ms,
         updated_at = now()
+), wake AS (
+    -- a committing transaction that has sent a NOTIFY holds a database-wide lock until
+    -- its commit is flushed: concurrent submissions that all notify commit one at a time
+    -- (bench/submit_statement.py); the API coalesces its wake-ups instead (TaskWaker)
+    SELECT pg_notify('{NOTIFY_TASKS}', '') FROM job WHERE CAST(:notify AS boolean)
 )
-SELECT job.*, pg_notify('{NOTIFY_TASKS}', '') AS notified FROM job
+SELECT job.*, (SELECT count(*) FROM wake) AS notified FROM job
 """
 )
 
-_BY_IDEMPOTENCY_KEY_SQL = text(
+_BY_IDEMPOTENCY_KEY = Statement(
     f"SELECT {_JOB_COLUMNS}, request_hash FROM jobs "
     "WHERE tenant = :tenant AND idempotency_key = :key"
 )
@@ -262,7 +269,7 @@ def _host_politeness(request: JobSpecBase, default_limit: int) -> dict[str, int 
 
 
 async def submit_job(
-    session: AsyncSession,
+    session: AsyncSession | asyncpg.Connection,
     tenant: str,
     request: JobSpecBase,
     *,
@@ -271,6 +278,7 @@ async def submit_job(
     default_host_limit: int = 8,
     default_retain_days: int | None = None,
     prepared: Prepared | None = None,
+    notify: bool = True,
 ) -> tuple[JobPublic, bool]:
     """Insert the job and its tasks; returns (job, created).
 
@@ -284,14 +292,23 @@ async def submit_job(
     that need the job in a larger unit of work begin it first (any statement on the
     session); the submission then joins that transaction and commits with it.
 
+    `session` may also be the asyncpg connection of a pooled connection
+    (ConnectionManager.driver(), the API's submissions): the same statements go straight
+    to the driver, autocommitting unless the caller opened a transaction there.
+
     `prepared`: the request already through prepare_submission (with this guard and
-    default), which is then not repeated.
+    default), which is then not repeated. `notify=False`: no executor wake-up in the
+    statement; the caller sends one after the commit (app.services.wakeups.TaskWaker).
     """
     if prepared is None:
         prepared = prepare_submission(request, guard, default_retain_days)
     rows = prepared.rows
     digest = request_hash(request) if idempotency_key is not None else None
-    conn = await _conn(session, one_statement=True)
+    conn = (
+        session
+        if isinstance(session, asyncpg.Connection)
+        else await _conn(session, one_statement=True)
+    )
     params = {
         "tenant": tenant,
         "kind": request.kind.value,
@@ -307,27 +324,18 @@ async def submit_job(
         "hashes": [r[1] for r in rows],
         "hosts": [r[2] for r in rows],
         **_host_politeness(request, default_host_limit),
+        "notify": notify,
     }
     # A taken key normally means one loop: insert nothing, read the winner. A winner
     # deleted between the two statements frees the key, so the insert is tried again.
     for _ in range(3):
-        row = (
-            (await conn.execute(_SUBMIT_SQL, {**params, "id": uuid.uuid4()}))
-            .mappings()
-            .one_or_none()
-        )
+        row = await _SUBMIT.fetch_one(conn, {**params, "id": uuid.uuid4()})
         if row is not None:
             return job_from_row(row), True
         # ON CONFLICT waited for the competing transaction to commit, so a new statement
         # (READ COMMITTED) sees its job
-        existing = (
-            (
-                await conn.execute(
-                    _BY_IDEMPOTENCY_KEY_SQL, {"tenant": tenant, "key": idempotency_key}
-                )
-            )
-            .mappings()
-            .one_or_none()
+        existing = await _BY_IDEMPOTENCY_KEY.fetch_one(
+            conn, {"tenant": tenant, "key": idempotency_key}
         )
         if existing is None:
             continue

@@ -14,7 +14,6 @@ short tasks.
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,21 +24,11 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.database.models import JobStatus
+from app.database.statements import positional
 from app.scraper.urls import url_hash, url_host
 from app.services.state import finish_if_done, transition
 
 NOTIFY_TASKS = "trawler_tasks"
-
-# `:name` parameters (not `::type` casts) of the statements below
-_NAMED_PARAM = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
-
-
-def _positional(sql: str, names: Sequence[str]) -> str:
-    """The statement with asyncpg's `$n` placeholders, numbered in the order of `names`."""
-    found = set(_NAMED_PARAM.findall(sql))
-    if found != set(names):
-        raise ValueError(f"parameters {sorted(found)} do not match {sorted(names)}")
-    return _NAMED_PARAM.sub(lambda m: f"${names.index(m.group(1)) + 1}", sql)
 
 
 @dataclass(slots=True)
@@ -123,7 +112,7 @@ _CLAIM_SQL = text(
     "CAST(:done AS bigint[]), :live_s)"
 )
 _CLAIM_NAMES = ("after", "n", "max_hosts", "worker", "lease", "done", "live_s")
-_CLAIM_RAW = (_positional(_CLAIM_SQL.text, _CLAIM_NAMES), _CLAIM_NAMES)
+_CLAIM_RAW = (positional(_CLAIM_SQL.text, _CLAIM_NAMES), _CLAIM_NAMES)
 
 
 @dataclass(slots=True)
@@ -270,7 +259,7 @@ _COMPLETE_NAMES = (
     "p_task", "p_url", "p_final", "p_code", "p_ok", "p_depth", "p_ctype", "p_ms", "p_data",
     "p_error",
 )  # fmt: skip
-_COMPLETE_RAW = (_positional(_COMPLETE_SQL.text, _COMPLETE_NAMES), _COMPLETE_NAMES)
+_COMPLETE_RAW = (positional(_COMPLETE_SQL.text, _COMPLETE_NAMES), _COMPLETE_NAMES)
 
 _SETTLE_SQL = text(
     """
@@ -332,7 +321,7 @@ _SETTLE_NAMES = (
     "jobs", "n", "r", "s", "f", "k", "l_job", "l_url", "l_hash", "l_host", "l_depth",
     "channel",
 )  # fmt: skip
-_SETTLE_RAW = (_positional(_SETTLE_SQL.text, _SETTLE_NAMES), _SETTLE_NAMES)
+_SETTLE_RAW = (positional(_SETTLE_SQL.text, _SETTLE_NAMES), _SETTLE_NAMES)
 
 
 def _dumps(value: Any) -> str:

@@ -22,6 +22,7 @@ from sqlalchemy import text
 from app.api.deps import SessionDep
 from app.config import Settings
 from app.main import create_app
+from app.services import apikeys
 from tests.conftest import make_settings
 from tests.support.db_proxy import Cut, Proxy, proxied_url, upstream_opener
 
@@ -163,3 +164,31 @@ async def test_health_is_bounded_during_outage_and_recovers(
 
     summary = ", ".join(f"{p} max {max(t) * 1000:.0f} ms" for p, t in timings.items())
     print(f"\n[{cut}] {summary}; ready again {recovered_in * 1000:.0f} ms after restore")
+
+
+async def test_submission_on_the_fast_path_gets_503_during_outage(
+    proxied_settings: Settings, proxy: Proxy
+) -> None:
+    """POST /scrape answered by the middleware (a key it knows) meets the outage as the
+    routes do: 503 + Retry-After at once, nothing half-done; accepted again afterwards."""
+    application = create_app(proxied_settings, migrate=False)
+    async with application.router.lifespan_context(application):
+        async with application.state.db.session() as session:
+            _, key = await apikeys.create_key(session, "outage", tenant="outage")
+        headers = {"Authorization": f"Bearer {key}"}
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://trawler.test") as c:
+            body = {"urls": ["http://example.com/outage"]}
+            assert (await c.post("/api/v1/scrape", json=body, headers=headers)).status_code == 202
+            await proxy.cut("refuse")
+            started = time.perf_counter()
+            refused = await c.post("/api/v1/scrape", json=body, headers=headers)
+            elapsed = time.perf_counter() - started
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["content-type"] == "application/problem+json"
+            assert int(refused.headers["retry-after"]) >= 1
+            assert elapsed < proxied_settings.pool_timeout + 0.5
+            await proxy.restore()
+            await _wait_ready(c, RECOVERY_BOUND_S)
+            again = await c.post("/api/v1/scrape", json=body, headers=headers)
+            assert again.status_code == 202, again.text

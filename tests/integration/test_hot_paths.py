@@ -59,6 +59,7 @@ async def test_get_job_opens_no_session(
     client: httpx.AsyncClient, auth_headers: Headers, db: ConnectionManager, app: Any
 ) -> None:
     job_id = await _submit(client, auth_headers, "http://example.com/one")
+    await app.state.task_waker.settle()  # the submission's NOTIFY has its own checkout
     pool = app.state.db  # the app's own manager, not the test's
     before = pool.pool_status()["checkouts"]
     response = await client.get(f"{JOBS}/{job_id}", headers=auth_headers)
@@ -272,7 +273,7 @@ async def test_link_enqueue_probes_the_dedupe_index_per_link(db: ConnectionManag
 async def test_get_job_is_answered_before_routing_once_the_key_is_known(
     app: Any, client: httpx.AsyncClient, auth_headers: Headers, other_headers: Headers
 ) -> None:
-    """A cached key reading its own job is answered by HotReadMiddleware (no dependency
+    """A cached key reading its own job is answered by HotPathMiddleware (no dependency
     runs); a first use of a key, another tenant's job or a bad id go through the app."""
     resolved = 0
 

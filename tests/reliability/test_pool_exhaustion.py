@@ -101,6 +101,7 @@ async def _slow_burst(db_url: str, application: FastAPI, keys: list[Headers]) ->
         recovery = await asyncio.gather(
             *(_submit(api, keys[n % len(keys)], 20_000 + n) for n in range(16))
         )
+        await application.state.task_waker.settle()  # the wake-up after the last commit
         pool_after = application.state.db.pool_status()
     return Burst(results, len(done), first_after, first_after_s, recovery, pool_during, pool_after)
 
