@@ -55,6 +55,12 @@ class Settings(BaseSettings):
     max_overflow: int = Field(default=10, ge=0)
     pool_timeout: float = Field(default=5.0, gt=0, description="seconds to wait for a connection")
     pool_recycle: int = Field(default=1800, description="seconds before a connection is renewed")
+    pool_ping_idle_s: float = Field(
+        default=0.5,
+        ge=0,
+        description="the hot paths' one-statement checkouts ping a pooled connection only "
+        "when it has been idle this long; 0: always (every other checkout always pings)",
+    )
     db_connect_timeout: float = Field(default=3.0, gt=0)
     db_command_timeout: float = Field(default=30.0, gt=0)
     health_timeout: float = Field(default=1.5, gt=0, description="hard limit of a health probe")

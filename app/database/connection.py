@@ -11,6 +11,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -196,6 +197,8 @@ UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
     exc.InterfaceError,
     asyncpg.PostgresConnectionError,
     asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,  # the server is shutting down (57P01)
+    asyncpg.CrashShutdownError,
     asyncpg.InterfaceError,
     ConnectionError,
     TimeoutError,
@@ -266,7 +269,8 @@ class ConnectionManager:
         # first: a checkout whose ping fails is retried on a fresh connection before any
         # other checkout listener sees it
         event.listen(target, "connect", _mark_fresh)
-        event.listen(target, "checkout", _ping_on_checkout)
+        event.listen(target, "checkout", _checkout_check(self.settings.pool_ping_idle_s))
+        event.listen(target, "checkin", _mark_idle)
 
         @event.listens_for(target, "connect")
         def _on_connect(*_: Any) -> None:
@@ -399,7 +403,7 @@ class ConnectionManager:
         """The asyncpg connection of a pooled connection, for one-statement reads on hot
         paths (GET /jobs/{id}).
 
-        Checked out and pinged like any other, but outside any transaction: each statement
+        Checked out (and checked) like any other, but outside any transaction: each statement
         is its own (autocommit, no BEGIN/COMMIT round trips), prepared once per connection
         by asyncpg's statement cache, with none of SQLAlchemy's per-statement work. Use it
         only for a single read; writes and reads that must agree go through session() or
@@ -407,7 +411,11 @@ class ConnectionManager:
         cache off there, asyncpg prepares unnamed statements, which must stay on the one
         server connection a transaction pins.
         """
-        pooled = await self.engine.raw_connection()
+        token = _ONE_STATEMENT.set(True)
+        try:
+            pooled = await self.engine.raw_connection()
+        finally:
+            _ONE_STATEMENT.reset(token)
         driver: asyncpg.Connection = pooled.driver_connection
         invalidate = False
         try:
@@ -417,8 +425,10 @@ class ConnectionManager:
             else:
                 yield driver
         except BaseException as error:
-            # dead, or interrupted mid-statement (cancelled): never hand it out again
+            # dead, or interrupted mid-statement (cancelled): never hand it out again;
+            # after any other error, ping it at its next checkout
             invalidate = driver.is_closed() or not isinstance(error, Exception)
+            mark_suspect(pooled)
             raise
         finally:
             await greenlet_spawn(_release, pooled, invalidate)
@@ -433,6 +443,8 @@ class ConnectionManager:
 
 
 _FRESH = "trawler_fresh"
+_IDLE_SINCE = "trawler_idle_since"  # monotonic time of the last clean check-in
+_SUSPECT = "trawler_suspect"  # the last use ended in an error: ping at the next checkout
 _PING_SQL = "SELECT 1"
 
 
@@ -440,31 +452,81 @@ def _mark_fresh(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
     record.info[_FRESH] = True
 
 
+def _mark_idle(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    if record.info.pop(_SUSPECT, False):
+        record.info.pop(_IDLE_SINCE, None)
+    else:
+        record.info[_IDLE_SINCE] = time.monotonic()
+
+
+def mark_suspect(pooled: PoolProxiedConnection) -> None:
+    """The use of this checked-out connection failed (a timeout, say) without closing it:
+    its next checkout pings it, however recently it was used."""
+    pooled.info[_SUSPECT] = True
+
+
 async def _ping_statement(driver_connection: asyncpg.Connection) -> None:
     # simple query protocol (no arguments): one round trip, nothing prepared
     await driver_connection.execute(_PING_SQL)
 
 
-def _ping_on_checkout(dbapi_connection: Any, record: ConnectionPoolEntry, _proxy: Any) -> None:
-    """Pessimistic liveness check on every checkout (pool_pre_ping), in one round trip.
+# set by ConnectionManager.driver() around its checkout: a caller that runs one
+# autocommitting statement and answers a dead connection with a 503 may skip the ping of a
+# recently used connection (every other checkout is pinged, as with pool_pre_ping)
+_ONE_STATEMENT: ContextVar[bool] = ContextVar("trawler_one_statement", default=False)
+
+
+def _checkout_check(ping_idle_s: float) -> Callable[[Any, ConnectionPoolEntry, Any], None]:
+    """The pessimistic liveness check of a checkout (pool_pre_ping), at most one round trip.
 
     SQLAlchemy's own pre-ping on asyncpg wraps its `;` in BEGIN ... ROLLBACK whenever the
     connection is outside a transaction, which at checkout it always is: three round trips
-    per request, more than a hot read's own work. A `SELECT 1` on the simple query protocol
-    proves the same liveness in one (and prepares nothing, so PgBouncer's transaction mode
-    is fine). Outcome as with pool_pre_ping: a connection created for this checkout is not
-    pinged; a dead one invalidates the pool (every connection older than it is replaced at
+    per request, more than a hot read's own work. Here:
+
+    - a connection created for this checkout is not checked (as with pool_pre_ping);
+    - one the driver already knows to be closed (the server ended it: a restart, a
+      terminated backend; asyncpg sees the socket close as it happens) is refused without
+      a round trip;
+    - for a one-statement checkout (ConnectionManager.driver(): the hot paths, GET
+      /jobs/{id} and the submissions), one checked in cleanly less than `ping_idle_s` ago
+      is handed out as it is, like HikariCP's alive-bypass window: under load a connection
+      comes back every few milliseconds, and its ping was ~15% of a submission's CPU, API
+      and database together (bench/api.py);
+    - any other is pinged with a `SELECT 1` on the simple query protocol (one round trip,
+      nothing prepared, so PgBouncer's transaction mode is fine).
+
+    A dead connection invalidates the pool (every connection older than it is replaced at
     its next checkout, as after a server restart) and the pool retries the checkout on a
-    new connection, so the caller never sees the dead one.
+    new connection, so the caller never sees it. What the window gives up, on the hot
+    paths only: a connection that died within it without the driver noticing yet (the
+    socket's close not read yet, a partition that drops packets silently) fails that one
+    request's statement, a 503, instead of being replaced first.
     """
-    if record.info.pop(_FRESH, False):
-        return
-    try:
-        dbapi_connection.run_async(_ping_statement)
-    except Exception as error:
-        if dbapi_connection.driver_connection.is_closed():
-            raise exc.InvalidatePoolError(f"connection found dead on checkout: {error}") from error
-        raise
+
+    def check(dbapi_connection: Any, record: ConnectionPoolEntry, _proxy: Any) -> None:
+        info = record.info
+        if info.pop(_FRESH, False):
+            return
+        driver = dbapi_connection.driver_connection
+        if driver.is_closed():
+            raise exc.InvalidatePoolError("connection found closed on checkout")
+        idle_since = info.pop(_IDLE_SINCE, None)
+        if (
+            idle_since is not None
+            and time.monotonic() - idle_since < ping_idle_s
+            and _ONE_STATEMENT.get()
+        ):
+            return
+        try:
+            dbapi_connection.run_async(_ping_statement)
+        except Exception as error:
+            if driver.is_closed():
+                raise exc.InvalidatePoolError(
+                    f"connection found dead on checkout: {error}"
+                ) from error
+            raise
+
+    return check
 
 
 def _unique_statement_name() -> str:

@@ -52,35 +52,97 @@ async def _terminate(db_url: str, pid: int) -> None:
         await conn.close()
 
 
-async def test_checkout_ping_is_one_statement(single: ConnectionManager) -> None:
-    """A pooled connection is checked with one statement: no BEGIN/ROLLBACK around it."""
+def _log_queries(db: ConnectionManager) -> list[str]:
+    """The statements every connection of `db` sends from now on (asyncpg's loggers)."""
     seen: list[str] = []
 
     def log(record: Any) -> None:
         seen.append(record.query)
 
-    @event.listens_for(single.engine.sync_engine, "connect")
+    @event.listens_for(db.engine.sync_engine, "connect")
     def _attach(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.driver_connection.add_query_logger(log)
 
-    await _backend_pid(single)  # creates the connection (fresh: not pinged)
+    return seen
+
+
+async def _checkout_statements(
+    db: ConnectionManager, seen: list[str], *, one_statement: bool = False
+) -> list[str]:
+    """What a checkout of the pooled connection sends before the caller's own statement:
+    a unit of work's (engine.connect(), sessions) or a hot path's (driver())."""
     seen.clear()
-    async with single.engine.connect() as conn:  # checkout of the pooled connection
-        await asyncio.sleep(0.05)  # asyncpg calls query loggers soon, not at once
-        assert seen == ["SELECT 1"]
-        await conn.execute(text("SELECT 2"))
+    if one_statement:
+        async with db.driver() as driver:
+            await asyncio.sleep(0.05)  # asyncpg calls query loggers soon, not at once
+            sent = list(seen)
+            await driver.execute("SELECT 2")
+    else:
+        async with db.engine.connect() as conn:
+            await asyncio.sleep(0.05)
+            sent = list(seen)
+            await conn.execute(text("SELECT 2"))
+    await asyncio.sleep(0.05)  # the log entry of SELECT 2 arrives before the next clear()
+    return sent
+
+
+async def test_checkout_ping_is_one_statement(db_url: str) -> None:
+    """A pooled connection is checked with one statement: no BEGIN/ROLLBACK around it
+    (pool_ping_idle_s=0: every checkout pings, as pool_pre_ping does)."""
+    db = ConnectionManager(
+        make_settings(db_url, pool_size=1, max_overflow=0, pool_ping_idle_s=0),
+        application_name="trawler-test-ping",
+    )
+    try:
+        seen = _log_queries(db)
+        await _backend_pid(db)  # creates the connection (fresh: not pinged)
+        assert await _checkout_statements(db, seen) == ["SELECT 1"]
+        assert await _checkout_statements(db, seen) == ["SELECT 1"]
+    finally:
+        await db.dispose()
+
+
+async def test_recently_used_connection_is_not_pinged_on_the_hot_paths(db_url: str) -> None:
+    """A one-statement checkout (driver()) within pool_ping_idle_s of the connection's last
+    clean use gets it as it is; idle longer, or after a failed use, it is pinged first.
+    Every other checkout is always pinged."""
+    db = ConnectionManager(
+        make_settings(db_url, pool_size=1, max_overflow=0, pool_ping_idle_s=0.3),
+        application_name="trawler-test-ping",
+    )
+    try:
+        seen = _log_queries(db)
+        await _backend_pid(db)
+        assert await _checkout_statements(db, seen, one_statement=True) == []  # used just now
+        assert await _checkout_statements(db, seen) == ["SELECT 1"]  # a unit of work
+        await asyncio.sleep(0.4)
+        assert await _checkout_statements(db, seen, one_statement=True) == ["SELECT 1"]
+        with pytest.raises(asyncpg.PostgresError):
+            async with db.driver() as driver:  # a failed use leaves it open ...
+                await driver.execute("SELECT 1/0")
+        await asyncio.sleep(0.05)  # its log entry arrives late
+        # ... and suspect
+        assert await _checkout_statements(db, seen, one_statement=True) == ["SELECT 1"]
+        assert await _checkout_statements(db, seen, one_statement=True) == []
+    finally:
+        await db.dispose()
 
 
 async def test_killed_connection_is_detected_and_replaced(
     single: ConnectionManager, db_url: str
 ) -> None:
+    seen = _log_queries(single)
     before = await _backend_pid(single)
     await _terminate(db_url, before)
-    # the next unit of work succeeds on a new backend; the dead one was noticed at checkout
+    # the next unit of work succeeds on a new backend; the dead one was noticed at checkout,
+    # by the driver (the server closed the socket), although it was used just now
+    seen.clear()
     after = await _backend_pid(single)
     assert after != before
     assert single.metrics.invalidations >= 1
     assert single.metrics.connects == 2
+    await asyncio.sleep(0.05)  # query log entries arrive late
+    assert seen and "SELECT 1" not in seen  # no ping was needed to find out
 
 
 async def test_request_after_its_connection_was_killed_succeeds(
