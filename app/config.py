@@ -55,6 +55,12 @@ class Settings(BaseSettings):
     max_overflow: int = Field(default=10, ge=0)
     pool_timeout: float = Field(default=5.0, gt=0, description="seconds to wait for a connection")
     pool_recycle: int = Field(default=1800, description="seconds before a connection is renewed")
+    pool_overflow_idle_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="connections beyond pool_size are closed once no more than pool_size "
+        "have been in use for this long",
+    )
     pool_ping_idle_s: float = Field(
         default=0.5,
         ge=0,

@@ -78,20 +78,41 @@ class MonitoredPool(AsyncAdaptedQueuePool):
     milliseconds of connect work here). So here a returned connection goes straight to the
     oldest waiter, nobody overtakes a waiter, and a connection slot freed by a close or a
     failed connect is offered to the first waiter, who opens the connection itself.
+
+    Overflow connections (beyond pool_size) are not closed as soon as one comes back to an
+    idle pool either: under a load that swings around pool_size that closed and reopened
+    connections all the time (bench/api.py: 126 connects in a run, 20 with none). A
+    returned one is closed only once no more than pool_size connections have been in use
+    for `overflow_idle_s`; until then it waits in the idle queue, which is last in, first
+    out, so the surplus is what stays unused.
     """
 
     metrics: PoolMetrics | None = None
+    overflow_idle_s: float = 30.0
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
+        self._size = self._pool.maxsize
+        # the idle queue has room for the overflow connections too
+        self._pool = self._queue_class(self._size + max(0, self._max_overflow), use_lifo=True)
+        self._busy_at = time.monotonic()  # the last time more than _size were checked out
         # futures of waiting checkouts, oldest first; each gets a pool entry or None
         # (None: a connection slot is free, open one)
         self._waiters: deque[asyncio.Future[ConnectionPoolEntry | None]] = deque()
 
+    def size(self) -> int:
+        return self._size
+
+    def checkedout(self) -> int:
+        return self._size - self._pool.qsize() + self._overflow
+
     def _do_get(self) -> ConnectionPoolEntry:
         started = time.perf_counter()
         try:
-            return self._fair_get()
+            entry = self._fair_get()
+            if self._overflow > 0 and self.checkedout() > self._size:
+                self._busy_at = time.monotonic()
+            return entry
         except exc.TimeoutError:
             if self.metrics is not None:
                 self.metrics.timeouts += 1
@@ -155,8 +176,15 @@ class MonitoredPool(AsyncAdaptedQueuePool):
             if not waiter.done():
                 waiter.set_result(entry)
                 return
-        if entry is not None:
-            super()._do_return_conn(entry)  # the idle queue (closed if that is full)
+        if entry is None:
+            return
+        if self._overflow > 0 and time.monotonic() - self._busy_at > self.overflow_idle_s:
+            try:
+                entry.close()  # a surplus connection, unneeded for a while
+            finally:
+                self._dec_overflow()
+        else:
+            super()._do_return_conn(entry)  # the idle queue
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
         self._pass_on(record)
@@ -167,10 +195,23 @@ class MonitoredPool(AsyncAdaptedQueuePool):
         return True
 
     def recreate(self) -> MonitoredPool:
-        # engine.dispose() builds a fresh pool through recreate(): keep the same counters
-        new = super().recreate()
-        assert isinstance(new, MonitoredPool)
+        # engine.dispose() builds a fresh pool through recreate(): the same size (the
+        # parent would take the idle queue's capacity) and the same counters
+        new = MonitoredPool(
+            self._creator,
+            pool_size=self._size,
+            max_overflow=self._max_overflow,
+            pre_ping=self._pre_ping,
+            timeout=self._timeout,
+            recycle=self._recycle,
+            echo=self.echo,
+            logging_name=self._orig_logging_name,
+            reset_on_return=self._reset_on_return,
+            _dispatch=self.dispatch,
+            dialect=self._dialect,
+        )
         new.metrics = self.metrics
+        new.overflow_idle_s = self.overflow_idle_s
         return new
 
 
@@ -259,6 +300,7 @@ class ConnectionManager:
         pool = self.engine.sync_engine.pool
         assert isinstance(pool, MonitoredPool)
         pool.metrics = self.metrics
+        pool.overflow_idle_s = settings.pool_overflow_idle_s
         self._install_pool_events()
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
         self._inflight: dict[str, asyncio.Task[Any]] = {}

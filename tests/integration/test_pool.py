@@ -306,3 +306,40 @@ async def test_driver_connection_cancelled_mid_statement_is_replaced(
     async with single.driver() as conn:
         assert await conn.fetchval("SELECT 1") == 1
     assert single.pool_status()["checked_out"] == 0
+
+
+async def test_overflow_connections_linger_until_the_load_has_gone(db_url: str) -> None:
+    """A load that needs the overflow keeps its connections (no close and reconnect on
+    every return); once no more than pool_size were in use for overflow_idle_s, returned
+    surplus connections are closed, one per return."""
+    db = ConnectionManager(
+        make_settings(db_url, pool_size=1, max_overflow=2, pool_overflow_idle_s=0.3),
+        application_name="trawler-test-overflow",
+    )
+
+    async def use(n: int) -> None:
+        async def one() -> None:
+            async with db.driver() as driver:
+                await driver.execute("SELECT pg_sleep(0.05)")
+
+        await asyncio.gather(*(one() for _ in range(n)))
+
+    try:
+        await use(3)
+        assert db.metrics.connects == 3
+        status = db.pool_status()
+        assert (status["size"], status["checked_in"], status["overflow"]) == (1, 3, 2)
+        for _ in range(3):  # busy again and again: the same three connections
+            await use(3)
+        assert db.metrics.connects == 3
+        await asyncio.sleep(0.4)  # the overflow unneeded for longer than 0.3 s
+        await use(1)
+        assert db.pool_status()["checked_in"] == 2  # the returned surplus one was closed
+        await use(1)
+        await use(1)
+        status = db.pool_status()
+        assert (status["checked_in"], status["overflow"]) == (1, 0)  # down to pool_size
+        await use(3)  # a new burst opens what it needs again
+        assert db.metrics.connects == 5
+    finally:
+        await db.dispose()
