@@ -44,24 +44,9 @@ from app.config import Settings
 from app.database.connection import ConnectionManager
 from app.database.migrations import upgrade_to_head
 from app.services import jobs
+from bench.api import postgres_cpu_seconds
 
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-
-
-def postgres_cpu_seconds() -> float:
-    """user+system CPU of every running `postgres` process on this machine."""
-    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if (proc / "comm").read_text().strip() != "postgres":
-                continue
-            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        total += (int(fields[11]) + int(fields[12])) / tick
-    return total
 
 
 async def measure(url: str, notify: bool, connections: int, seconds: float) -> dict[str, float]:
