@@ -83,16 +83,14 @@ def _principal(scope: Scope) -> Principal | None:
     return None if due else principal
 
 
-def _small_json_body(scope: Scope) -> int | None:
-    """The announced length of a JSON body the fast path reads (None: let the app)."""
+def _small_json_body(scope: Scope) -> bool:
+    """A JSON body of announced length up to MAX_FAST_BODY (else the app reads it)."""
     content_type = _header(scope, b"content-type")
     length = _header(scope, b"content-length")
     if content_type is None or length is None or not length.isdigit():
-        return None
-    if content_type.partition(";")[0].strip().lower() != "application/json":
-        return None
-    size = int(length)
-    return size if size <= MAX_FAST_BODY else None
+        return False
+    media_type = content_type.partition(";")[0].strip().lower()
+    return media_type == "application/json" and int(length) <= MAX_FAST_BODY
 
 
 async def _read_body(receive: Receive) -> bytes | None:
@@ -169,7 +167,7 @@ class HotPathMiddleware:
 
     async def _submit(self, scope: Scope, receive: Receive, send: Send) -> None:
         principal = _principal(scope)
-        if principal is None or _small_json_body(scope) is None:
+        if principal is None or not _small_json_body(scope):
             await self.app(scope, receive, send)
             return
         raw = await _read_body(receive)
