@@ -76,8 +76,8 @@ class Outcome:
     links: list[tuple[str, int]] = field(default_factory=list)
 
 
-# THE CLAIM, two statements run by one call of the function trawler_claim() (migration
-# 0006; one round trip, so the hosts' row locks last only as long as PostgreSQL's own
+# THE CLAIM, two statements run by one call of the function trawler_claim() (migrations
+# 0006, 0007; one round trip, so the hosts' row locks last only as long as PostgreSQL's own
 # work, not across round trips to a worker whose event loop is busy parsing pages), so
 # that per-host politeness holds across every worker process:
 #
@@ -94,7 +94,9 @@ class Outcome:
 #    Leased tasks whose requests are over (parsing, or waiting to be stored) hold no
 #    connection to the host and are not counted: the claiming worker names its own in
 #    `done`, the function marks them (tasks.fetched_at, cleared when a task is leased)
-#    and every worker's claim skips marked tasks from then on. A worker
+#    and every worker's claim skips marked tasks from then on. Those the worker's writer
+#    is storing at that moment are row-locked by the completion: the mark skips them
+#    rather than wait for that transaction (migration 0007). A worker
 #    takes at most its share of a host's limit, split evenly among the running workers
 #    (heartbeat within `live_s`): otherwise the worker whose fetch ended first claims the
 #    freed slot again at once and a second worker on a one-host crawl starves. A
@@ -212,7 +214,10 @@ async def mark_jobs_running(conn: AsyncConnection, job_ids: Sequence[uuid.UUID])
 # 2. _SETTLE_SQL then locks the jobs rows (in id order), applies those counts, and adds the
 #    crawl links found as new tasks, deduplicated against the job's tasks by the unique URL
 #    hash and never more than follow.max_pages tasks in total: under the lock, concurrent
-#    completions of one job settle one after another and the cap is exact.
+#    completions of one job settle one after another, each seeing the links the previous
+#    one added (the function trawler_settle(), migration 0007: the lock and the settling
+#    are two statements, so the second's snapshot is newer than the lock), and the cap is
+#    exact and reached whenever enough links were found.
 #
 # The jobs rows are locked by the last statement before COMMIT, not the first: claims
 # (which move the same counters) wait for that lock, so it is held as briefly as possible.
@@ -261,61 +266,13 @@ _COMPLETE_NAMES = (
 )  # fmt: skip
 _COMPLETE_RAW = (positional(_COMPLETE_SQL.text, _COMPLETE_NAMES), _COMPLETE_NAMES)
 
+# trawler_settle() (migration 0007): the jobs rows are locked by one statement and settled
+# by the next, whose snapshot is taken after the locks were granted (see the migration)
 _SETTLE_SQL = text(
-    """
-WITH d AS (
-    SELECT * FROM unnest(CAST(:jobs AS uuid[]), CAST(:n AS int[]), CAST(:r AS int[]),
-                         CAST(:s AS int[]), CAST(:f AS int[]), CAST(:k AS int[]))
-        AS d(job_id, n, r, s, f, k)
-), l AS (
-    SELECT * FROM unnest(CAST(:l_job AS uuid[]), CAST(:l_url AS text[]),
-                         CAST(:l_hash AS bytea[]), CAST(:l_host AS text[]),
-                         CAST(:l_depth AS int[]))
-        WITH ORDINALITY AS l(job_id, url, h, host, depth, ord)
-), locked AS MATERIALIZED (
-    SELECT j.id, j.total, j.status, j.priority, j.max_attempts,
-           coalesce(CAST(j.spec -> 'follow' ->> 'max_pages' AS int), 2147483647) AS cap
-    FROM jobs j WHERE j.id IN (SELECT job_id FROM d UNION SELECT job_id FROM l)
-    ORDER BY j.id
-    -- NO KEY UPDATE (what the counters UPDATE needs anyway), not UPDATE: the foreign-key
-    -- checks of other transactions' page and task inserts (KEY SHARE) do not wait for it
-    FOR NO KEY UPDATE OF j
-), fresh AS (
-    -- a probe of the unique index per link: a scalar subquery with LIMIT is never turned
-    -- into a join (as NOT EXISTS, the planner picked an anti join comparing every link
-    -- with every task of the job: quadratic, ~0.6 ms per link at 4,000 tasks)
-    SELECT l.job_id, l.url, l.h, l.host, l.depth,
-           row_number() OVER (PARTITION BY l.job_id ORDER BY l.ord) AS rn
-    FROM l
-    WHERE (SELECT 1 FROM tasks t WHERE t.job_id = l.job_id AND t.url_hash = l.h LIMIT 1)
-          IS NULL
-), ins AS (
-    INSERT INTO tasks (job_id, url, url_hash, host, depth, priority, max_attempts)
-    SELECT f.job_id, f.url, f.h, f.host, f.depth, k.priority, k.max_attempts
-    FROM fresh f JOIN locked k ON k.id = f.job_id
-    WHERE k.status IN ('queued', 'running') AND f.rn <= greatest(k.cap - k.total, 0)
-    ON CONFLICT (job_id, url_hash) DO NOTHING
-    RETURNING job_id, host
-), added AS (
-    SELECT job_id, count(*) AS c FROM ins GROUP BY job_id
-), host_rows AS (
-    INSERT INTO hosts (host) SELECT DISTINCT host FROM ins ON CONFLICT DO NOTHING
-), notified AS (
-    SELECT pg_notify(:channel, '') FROM (SELECT 1 FROM ins LIMIT 1) x
-), counted AS (
-    UPDATE jobs j SET
-        running = j.running - coalesce(d.n, 0),
-        queued = j.queued + coalesce(d.r, 0) + coalesce(a.c, 0),
-        total = j.total + coalesce(a.c, 0),
-        succeeded = j.succeeded + coalesce(d.s, 0), failed = j.failed + coalesce(d.f, 0),
-        skipped = j.skipped + coalesce(d.k, 0), updated_at = now()
-    FROM locked k LEFT JOIN d ON d.job_id = k.id LEFT JOIN added a ON a.job_id = k.id
-    WHERE j.id = k.id
-    RETURNING j.id, j.queued, j.running, coalesce(a.c, 0) AS added
-)
-SELECT id, queued = 0 AND running = 0 AS drained, added, (SELECT count(*) FROM notified)
-FROM counted
-"""
+    "SELECT * FROM trawler_settle(CAST(:jobs AS uuid[]), CAST(:n AS int[]), "
+    "CAST(:r AS int[]), CAST(:s AS int[]), CAST(:f AS int[]), CAST(:k AS int[]), "
+    "CAST(:l_job AS uuid[]), CAST(:l_url AS text[]), CAST(:l_hash AS bytea[]), "
+    "CAST(:l_host AS text[]), CAST(:l_depth AS int[]), :channel)"
 )
 _SETTLE_NAMES = (
     "jobs", "n", "r", "s", "f", "k", "l_job", "l_url", "l_hash", "l_host", "l_depth",
