@@ -315,6 +315,7 @@ class AsyncJobExecutor:
         self._draining = False
         self._more_work = True
         self._room_bound = False
+        self._last_claim_full = False
         self._freed = 0  # host slots freed since the last claim (see _freed_slot)
         # jobs (among those this worker runs) whose webhook wants job.page events
         self._page_hook_jobs: set[uuid.UUID] = set()
@@ -528,7 +529,9 @@ class AsyncJobExecutor:
                         self.settings.lease_seconds,
                         driver=driver,
                         cursor=self._host_cursor,
-                        done=self._fetched(),
+                        # marking fetched tasks (an UPDATE of their rows) frees host
+                        # room early; after a full claim no host's room held it back
+                        done=() if self._last_claim_full else self._fetched(),
                         live_s=3 * self.settings.heartbeat_seconds,
                     )
                 tasks = claimed.tasks
@@ -564,7 +567,7 @@ class AsyncJobExecutor:
             # a short claim means the queue is drained for now: sleep until NOTIFY (new
             # work) or the poll interval (retries coming due); a full one means claim again
             # as soon as there is room
-            self._more_work = len(tasks) >= asked
+            self._more_work = self._last_claim_full = len(tasks) >= asked
             # a short claim that still found work was cut by host room: a fetch that ends
             # frees room (see queue.claim's `done`), so claim again then
             self._room_bound = bool(tasks)
