@@ -11,7 +11,11 @@ trawler_claim() no longer waits for the caller's own completions
    them that the same worker's writer is storing right now are row-locked by the
    completion: the claim waited for that whole transaction (on a no-op queue, a third of
    the time). It now skips them (SKIP LOCKED): they stop counting against their host a
-   moment later anyway, when the completion commits.
+   moment later anyway, when the completion commits. Its probe for a host's due task
+   reads ix_tasks_claim in the index's order: with no ORDER BY the planner sometimes chose
+   a sequential scan with LIMIT 1, which reads every finished task at the front of the
+   table before a queued one (measured: 1 ms per host, 35 ms for a 32-host claim, after
+   25,000 of 51,000 tasks were done).
 
 Additive only: workers of revision 0006 keep running their own settle statement and the
 claim keeps its signature.
@@ -60,11 +64,29 @@ MARK_FETCHED = """
 """
 
 
+DUE_PROBE_0006 = """
+              AND (SELECT 1 FROM tasks t
+                   WHERE t.host = h.host AND t.status = 'queued' AND t.next_attempt_at <= now()
+                   LIMIT 1) IS NOT NULL
+"""
+DUE_PROBE = """
+              --   (in the index's order: without an ORDER BY the planner may pick a
+              --   sequential scan expecting a due task early on, and then read every task
+              --   already done at the front of the table, per host)
+              AND (SELECT 1 FROM tasks t
+                   WHERE t.host = h.host AND t.status = 'queued' AND t.next_attempt_at <= now()
+                   ORDER BY t.priority DESC, t.next_attempt_at, t.id
+                   LIMIT 1) IS NOT NULL
+"""
+
+
 def _claim_function() -> str:
-    old = _claim_function_0006()
-    if old.count(MARK_FETCHED_0006) != 1:
-        raise RuntimeError("revision 0006's claim function is not the one 0007 amends")
-    return old.replace(MARK_FETCHED_0006, MARK_FETCHED)
+    body = _claim_function_0006()
+    for old, new in ((MARK_FETCHED_0006, MARK_FETCHED), (DUE_PROBE_0006, DUE_PROBE)):
+        if body.count(old) != 1:
+            raise RuntimeError("revision 0006's claim function is not the one 0007 amends")
+        body = body.replace(old, new)
+    return body
 
 
 SETTLE_FUNCTION = r"""
