@@ -177,13 +177,32 @@ async def _refreshed() -> None:
 
 
 async def test_a_key_in_use_is_reverified_ahead_of_expiry(
-    client: httpx.AsyncClient, auth_headers: Headers, api_key: str, lookups: list[str]
+    app: Any,
+    client: httpx.AsyncClient,
+    auth_headers: Headers,
+    api_key: str,
+    lookups: list[str],
 ) -> None:
+    resolved = 0
+
+    async def counting(request: Request, credentials: Credentials) -> Any:
+        nonlocal resolved
+        resolved += 1
+        return await get_principal(request, credentials)
+
+    app.dependency_overrides[get_principal] = counting
     job_id = await _submit(client, auth_headers, "http://example.com/r")  # verifies, caches
     assert len(lookups) == 1
+    calls = resolved
     _expire_soon(api_key)
-    # answered from the cache at once; the lookup runs beside it
-    assert (await client.get(f"{JOBS}/{job_id}", headers=auth_headers)).status_code == 200
+    # answered from the cache at once, still before routing (no dependency runs), while
+    # one lookup runs beside them
+    read = await client.get(f"{JOBS}/{job_id}", headers=auth_headers)
+    posted = await client.post(
+        "/api/v1/scrape", headers=auth_headers, json={"urls": ["http://example.com/r2"]}
+    )
+    assert (read.status_code, posted.status_code) == (200, 202)
+    assert resolved == calls
     await _refreshed()
     assert len(lookups) == 2
     principal, due = apikeys.cached_principal(api_key)
