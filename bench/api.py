@@ -411,11 +411,24 @@ def postgres_cpu_seconds() -> float:
     return total
 
 
+def _cpu_line() -> list[int]:
+    """The machine's CPU jiffies, from /proc/stat: user nice system idle iowait irq softirq
+    steal (guest time is counted in user already)."""
+    return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+
+
 def machine_busy() -> tuple[float, float]:
-    """(busy, total) jiffies of the whole machine, from /proc/stat."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    """(busy, total) jiffies of the whole machine (steal counts as busy: not ours to use)."""
+    values = _cpu_line()
     idle = values[3] + values[4]
     return float(sum(values) - idle), float(sum(values))
+
+
+def machine_steal() -> tuple[float, float]:
+    """(steal, total) jiffies: time a virtual machine's CPUs were ready to run but the
+    hypervisor ran someone else."""
+    values = _cpu_line()
+    return float(values[7]), float(sum(values))
 
 
 # --------------------------------------------------------------------------- wrk
@@ -478,6 +491,7 @@ class Run:
     server_cpu: float  # fraction of one core used by the uvicorn process
     cpu_us: float  # uvicorn process CPU per request, microseconds
     machine_cpu: float  # fraction of all cores busy
+    steal: float  # fraction of all cores' time the hypervisor gave to other guests
     db_cpu_us: float  # PostgreSQL processes' CPU per request, microseconds
     background: float  # fraction of all cores busy just before (other work)
 
@@ -515,6 +529,7 @@ class Bench:
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
         cpu0, (busy0, total0) = cpu_seconds(server.pid), machine_busy()
+        steal0, stotal0 = machine_steal()
         db0 = postgres_cpu_seconds()
         t0 = time.monotonic()
         r = self.wrk(server, self.scripts[script], self.args.duration)
@@ -522,6 +537,7 @@ class Bench:
         if spy is not None:
             spy.wait()
         cpu1, (busy1, total1) = cpu_seconds(server.pid), machine_busy()
+        steal1, stotal1 = machine_steal()
         db1 = postgres_cpu_seconds()
         errors = r["non2xx"] + r["connect"] + r["read"] + r["write"] + r["timeout"]
         run = Run(
@@ -536,6 +552,7 @@ class Bench:
             server_cpu=(cpu1 - cpu0) / wall,
             cpu_us=(cpu1 - cpu0) / max(1, r["requests"]) * 1e6,
             machine_cpu=(busy1 - busy0) / max(1.0, total1 - total0),
+            steal=(steal1 - steal0) / max(1.0, stotal1 - stotal0),
             db_cpu_us=(db1 - db0) / max(1, r["requests"]) * 1e6,
             background=background,
         )
@@ -543,7 +560,7 @@ class Bench:
             f"round {rnd} {case:>4} {app:<9} {run.rps:8.0f} req/s  p50 {run.p50_ms:6.1f} ms  "
             f"p99 {run.p99_ms:6.1f} ms  errors {errors}  server CPU {run.server_cpu:.0%} "
             f"({run.cpu_us:.0f} us/req)  PostgreSQL {run.db_cpu_us:.0f} us/req"
-            f"  machine {run.machine_cpu:.0%}"
+            f"  machine {run.machine_cpu:.0%} (stolen {run.steal:.0%})"
         )
         if errors:
             log(f"  !! {errors} failed requests ({r})")
@@ -800,6 +817,13 @@ def findings(
         f"{pools['trawler']['wait_ms']['p99']:.0f} ms), reference "
         f"{pools['reference']['connects']} (stock pool).",
     ]
+    steals = [r.steal for r in runs]
+    if steals:
+        lines.append(
+            f"- Steal time (this machine is a virtual machine): the hypervisor ran other "
+            f"guests for {mean(steals):.0%} of both cores' time during the cases (worst case "
+            f"{max(steals):.0%}), time our processes were ready to run and waited."
+        )
     busy = max((r.background for r in runs), default=0.0)
     if busy >= 0.15:
         lines.append(
