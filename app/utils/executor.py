@@ -104,6 +104,13 @@ def is_retryable_db_error(error: BaseException) -> bool:
 
 # after a claim cut short by host room, the next claim waits for this many freed slots
 CLAIM_AFTER_FREED = 4
+# An empty claim may only mean that other workers' claims held the hosts with work (their
+# rows are locked for the length of a claim, and skipped): a worker whose claims came back
+# empty tries again after 50, 100, 200 and 400 ms before it waits the poll interval
+# (NOTIFY wakes it sooner), so a second worker on a busy one-host crawl is not left idle
+# for whole poll intervals.
+EMPTY_CLAIM_RETRY_S = 0.05
+EMPTY_CLAIM_RETRIES = 4
 
 
 class HeldConnection:
@@ -316,6 +323,7 @@ class AsyncJobExecutor:
         self._more_work = True
         self._room_bound = False
         self._last_claim_full = False
+        self._empty_claims = 0  # empty claims in a row (see EMPTY_CLAIM_RETRIES)
         self._freed = 0  # host slots freed since the last claim (see _freed_slot)
         # jobs (among those this worker runs) whose webhook wants job.page events
         self._page_hook_jobs: set[uuid.UUID] = set()
@@ -571,8 +579,16 @@ class AsyncJobExecutor:
             # a short claim that still found work was cut by host room: a fetch that ends
             # frees room (see queue.claim's `done`), so claim again then
             self._room_bound = bool(tasks)
+            self._empty_claims = 0 if tasks else self._empty_claims + 1
             if not self._more_work:
-                await self._wait_wake(self.settings.poll_interval)
+                await self._wait_wake(self._idle_wait())
+
+    def _idle_wait(self) -> float:
+        """How long to wait for a wake-up after a short claim before claiming again."""
+        n = self._empty_claims
+        if 0 < n <= EMPTY_CLAIM_RETRIES:
+            return min(self.settings.poll_interval, EMPTY_CLAIM_RETRY_S * (1 << (n - 1)))
+        return self.settings.poll_interval
 
     async def _wait_wake(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -181,6 +181,33 @@ async def test_two_executors_never_fetch_the_same_task(
     assert a.stats.claimed + b.stats.claimed == 400
 
 
+async def test_a_claim_that_found_the_host_locked_is_retried_soon(
+    db: ConnectionManager, site: LocalSite, db_url: str, executors: list
+) -> None:
+    """Another worker's claim holds the host's row (claims skip locked hosts): the empty
+    claim is retried within a fraction of a second, not after the poll interval."""
+    settings = make_settings(db_url, poll_interval=5.0, worker_concurrency=4)
+    job_id = await create_job(db, [site.url(f"/page/{n}") for n in range(8)])
+    host = site.url("/").split("/")[2]
+    async with db.engine.connect() as holder:
+        await holder.execute(
+            text("SELECT 1 FROM hosts WHERE host = :h FOR UPDATE"), {"h": host}
+        )  # (the transaction autobegun here holds the lock until the commit below)
+        worker = await start_executor(settings, executors)
+        for _ in range(200):
+            if worker.stats.claim_batches:
+                break
+            await asyncio.sleep(0.01)
+        assert worker.stats.claim_batches >= 1 and worker.stats.claimed == 0
+        await holder.commit()
+        released = time.monotonic()
+    while worker.stats.claimed == 0:
+        assert time.monotonic() - released < 2.0, "the worker waited for its poll interval"
+        await asyncio.sleep(0.01)
+    row = await wait_terminal(db, job_id)
+    assert row["status"] == "completed" and row["succeeded"] == 8
+
+
 async def test_killed_executor_leases_are_finished_by_another(
     db: ConnectionManager, site: LocalSite, worker_settings: Settings, executors: list
 ) -> None:
