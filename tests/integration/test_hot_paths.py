@@ -164,6 +164,20 @@ async def test_crawl_politeness_sets_its_seed_hosts_limits(
     assert [tuple(r) for r in rows] == [(2, 250)]
 
 
+@pytest.fixture
+def resolved(app: Any) -> list[int]:
+    """One entry per request whose principal FastAPI's dependency resolved (that is, a
+    request the hot paths handed to the app)."""
+    calls: list[int] = []
+
+    async def counting(request: Request, credentials: Credentials) -> Any:
+        calls.append(1)
+        return await get_principal(request, credentials)
+
+    app.dependency_overrides[get_principal] = counting
+    return calls
+
+
 def _expire_soon(key: str, left: float = 0.2) -> None:
     """Move a cached key's entry into its last moments (the refresh-ahead window)."""
     key_hash = apikeys.hash_key(key)
@@ -177,23 +191,15 @@ async def _refreshed() -> None:
 
 
 async def test_a_key_in_use_is_reverified_ahead_of_expiry(
-    app: Any,
+    resolved: list[int],
     client: httpx.AsyncClient,
     auth_headers: Headers,
     api_key: str,
     lookups: list[str],
 ) -> None:
-    resolved = 0
-
-    async def counting(request: Request, credentials: Credentials) -> Any:
-        nonlocal resolved
-        resolved += 1
-        return await get_principal(request, credentials)
-
-    app.dependency_overrides[get_principal] = counting
     job_id = await _submit(client, auth_headers, "http://example.com/r")  # verifies, caches
     assert len(lookups) == 1
-    calls = resolved
+    calls = len(resolved)
     _expire_soon(api_key)
     # answered from the cache at once, still before routing (no dependency runs), while
     # one lookup runs beside them
@@ -202,7 +208,7 @@ async def test_a_key_in_use_is_reverified_ahead_of_expiry(
         "/api/v1/scrape", headers=auth_headers, json={"urls": ["http://example.com/r2"]}
     )
     assert (read.status_code, posted.status_code) == (200, 202)
-    assert resolved == calls
+    assert len(resolved) == calls
     await _refreshed()
     assert len(lookups) == 2
     principal, due = apikeys.cached_principal(api_key)
@@ -309,31 +315,26 @@ async def test_link_enqueue_probes_the_dedupe_index_per_link(db: ConnectionManag
 
 
 async def test_get_job_is_answered_before_routing_once_the_key_is_known(
-    app: Any, client: httpx.AsyncClient, auth_headers: Headers, other_headers: Headers
+    resolved: list[int],
+    client: httpx.AsyncClient,
+    auth_headers: Headers,
+    other_headers: Headers,
 ) -> None:
     """A cached key reading its own job is answered by HotPathMiddleware (no dependency
     runs); a first use of a key, another tenant's job or a bad id go through the app."""
-    resolved = 0
-
-    async def counting(request: Request, credentials: Credentials) -> Any:
-        nonlocal resolved
-        resolved += 1
-        return await get_principal(request, credentials)
-
-    app.dependency_overrides[get_principal] = counting
     job_id = await _submit(client, auth_headers, "http://example.com/hot")  # the key cached
-    calls = resolved
+    calls = len(resolved)
     first = await client.get(f"{JOBS}/{job_id}", headers=auth_headers)
     again = await client.get(f"{JOBS}/{job_id}", headers=auth_headers)
     assert first.status_code == again.status_code == 200
     assert first.content == again.content
     assert first.headers["content-type"] == "application/json"
     assert "x-request-id" in first.headers  # still inside the observability middleware
-    assert resolved == calls  # neither read went through FastAPI's dependencies
+    assert len(resolved) == calls  # neither read went through FastAPI's dependencies
 
     other = await client.get(f"{JOBS}/{job_id}", headers=other_headers)
     assert other.status_code == 404
     assert other.headers["content-type"] == "application/problem+json"
-    assert resolved > calls  # the app answered it
+    assert len(resolved) > calls  # the app answered it
     upper = await client.get(f"{JOBS}/{job_id.upper()}", headers=auth_headers)
     assert upper.status_code == 200 and upper.content == first.content  # the app's path
