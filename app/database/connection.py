@@ -230,6 +230,27 @@ class DatabaseUnavailable(Exception):
     """The database did not answer in time or refused the connection."""
 
 
+class StaleConnection(DatabaseUnavailable):
+    """A pooled connection turned out dead as its statement started, and nothing was sent.
+
+    The server ended it while it sat idle (a terminated backend, a restart): asyncpg had
+    read the server's last message (the FATAL error, which leaves its protocol waiting for
+    a sync that never comes) but not yet the socket's close, so neither the checkout nor
+    `is_closed()` could tell. asyncpg then refuses to start the statement. Another
+    connection may be tried at once.
+    """
+
+
+# asyncpg's refusal to start a statement while its protocol consumes an error
+# (PROTOCOL_ERROR_CONSUME = 2); other states in this message would mean real concurrent
+# use of one connection, a bug that must not be retried away
+_ERROR_CONSUME = "another operation (2) is in progress"
+
+
+def _left_consuming_an_error(error: BaseException) -> bool:
+    return isinstance(error, asyncpg.InternalClientError) and _ERROR_CONSUME in str(error)
+
+
 # Errors that mean "the database is not reachable right now", not "the code is wrong".
 UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
     DatabaseUnavailable,
@@ -469,11 +490,26 @@ class ConnectionManager:
         except BaseException as error:
             # dead, or interrupted mid-statement (cancelled): never hand it out again;
             # after any other error, ping it at its next checkout
-            invalidate = driver.is_closed() or not isinstance(error, Exception)
+            stale = _left_consuming_an_error(error)
+            invalidate = stale or driver.is_closed() or not isinstance(error, Exception)
             mark_suspect(pooled)
+            if stale:
+                raise StaleConnection(f"connection found dead: {error}") from error
             raise
         finally:
             await greenlet_spawn(_release, pooled, invalidate)
+
+    async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
+        """One autocommit read on a driver connection (see driver()); a connection found
+        dead as the statement started (StaleConnection: nothing was sent) is replaced and
+        the read made once more on another."""
+        try:
+            async with self.driver() as driver:
+                return await driver.fetchrow(query, *args)
+        except StaleConnection:
+            logger.info("a pooled connection was found dead; reading on another")
+        async with self.driver() as driver:
+            return await driver.fetchrow(query, *args)
 
     async def dispose(self) -> None:
         pending = list(self._inflight.values())
@@ -542,7 +578,8 @@ def _checkout_check(ping_idle_s: float) -> Callable[[Any, ConnectionPoolEntry, A
     new connection, so the caller never sees it. What the window gives up, on the hot
     paths only: a connection that died within it without the driver noticing yet (the
     socket's close not read yet, a partition that drops packets silently) fails that one
-    request's statement, a 503, instead of being replaced first.
+    request's statement, a 503, instead of being replaced first (a read through
+    fetchrow() whose statement asyncpg refused to start is made again on another).
     """
 
     def check(dbapi_connection: Any, record: ConnectionPoolEntry, _proxy: Any) -> None:

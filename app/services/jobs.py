@@ -383,8 +383,7 @@ async def get_job_json(db: ConnectionManager, tenant: str, job_id: uuid.UUID) ->
     For the route that only sends it on: one autocommit statement on the driver
     connection and the row serialised by orjson, no session, no model validation.
     """
-    async with db.driver() as conn:
-        row = await conn.fetchrow(_GET_JSON_SQL, job_id, tenant)
+    row = await db.fetchrow(_GET_JSON_SQL, job_id, tenant)
     if row is None:
         return None
     return orjson.dumps(
