@@ -219,24 +219,37 @@ async def mark_jobs_running(conn: AsyncConnection, job_ids: Sequence[uuid.UUID])
 #    are two statements, so the second's snapshot is newer than the lock), and the cap is
 #    exact and reached whenever enough links were found.
 #
-# The jobs rows are locked by the last statement before COMMIT, not the first: claims
-# (which move the same counters) wait for that lock, so it is held as briefly as possible.
+# The task rows are locked first, in id order (`mine`): the queue's lock order, which the
+# cancellation of a job (jobs._CANCEL_TASKS_SQL) and the release of leases follow too, so
+# two of them locking overlapping tasks wait for each other instead of deadlocking (an
+# UPDATE ... FROM locks rows in whatever order its plan joins them). The jobs rows are
+# locked by the last statement before COMMIT, not the first: claims (which move the same
+# counters) wait for that lock, so it is held as briefly as possible.
 _COMPLETE_SQL = text(
     """
 WITH v AS (
     SELECT * FROM unnest(CAST(:ids AS bigint[]), CAST(:states AS text[]),
                          CAST(:delays AS float8[]), CAST(:errors AS text[]))
         AS v(id, state, delay, error)
+), mine AS MATERIALIZED (
+    -- each row found by primary key from its outcome, locked in id order; the lease is
+    -- checked on the rows as locked. (With the lease condition on the updated table the
+    -- planner, expecting few leased tasks, read every leased task to hash them, and joined
+    -- an unnest() scanned once per row: quadratic in the leases held.)
+    SELECT t.id, t.status, t.lease_owner, v.state, v.delay, v.error
+    FROM v JOIN tasks t ON t.id = v.id
+    ORDER BY t.id
+    FOR NO KEY UPDATE OF t
 ), upd AS (
     UPDATE tasks t SET
-        status = CASE v.state WHEN 'retry' THEN 'queued' ELSE v.state END,
-        next_attempt_at = CASE v.state WHEN 'retry'
-                               THEN now() + make_interval(secs => v.delay)
+        status = CASE m.state WHEN 'retry' THEN 'queued' ELSE m.state END,
+        next_attempt_at = CASE m.state WHEN 'retry'
+                               THEN now() + make_interval(secs => m.delay)
                                ELSE t.next_attempt_at END,
-        lease_owner = NULL, lease_expires_at = NULL, last_error = v.error, updated_at = now()
-    FROM v
-    WHERE t.id = v.id AND t.status = 'leased' AND t.lease_owner = :worker
-    RETURNING t.id, t.job_id, v.state
+        lease_owner = NULL, lease_expires_at = NULL, last_error = m.error, updated_at = now()
+    FROM mine m
+    WHERE t.id = m.id AND m.status = 'leased' AND m.lease_owner = :worker
+    RETURNING t.id, t.job_id, m.state
 ), stored AS (
     INSERT INTO pages (job_id, task_id, url, final_url, status_code, ok, depth,
                        content_type, elapsed_ms, data, error)
@@ -394,14 +407,21 @@ async def enqueue_links(
 
 _RELEASE_SQL = text(
     """
-WITH upd AS (
-    UPDATE tasks t SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL,
-                       attempts = greatest(t.attempts - 1, 0), updated_at = now()
+WITH mine AS MATERIALIZED (
+    -- in id order, the queue's lock order (see _COMPLETE_SQL)
+    SELECT t.id, t.status, t.lease_owner FROM tasks t
     WHERE t.lease_owner = :worker AND t.status = 'leased'
       AND (CAST(:ids AS bigint[]) IS NULL OR t.id = ANY(CAST(:ids AS bigint[])))
       AND (CAST(:keep AS bigint[]) IS NULL
            OR (NOT t.id = ANY(CAST(:keep AS bigint[]))
                AND t.updated_at < now() - make_interval(secs => :older)))
+    ORDER BY t.id
+    FOR NO KEY UPDATE OF t
+), upd AS (
+    UPDATE tasks t SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL,
+                       attempts = greatest(t.attempts - 1, 0), updated_at = now()
+    FROM mine
+    WHERE t.id = mine.id AND mine.lease_owner = :worker AND mine.status = 'leased'
     RETURNING t.job_id
 ), per_job AS (
     SELECT job_id, count(*) AS n FROM upd GROUP BY job_id
@@ -494,18 +514,37 @@ async def recover_lost(conn: AsyncConnection, stale_s: float, limit: int = 1000)
     return len(rows)
 
 
+_RENEW_SQL = text(
+    """
+WITH d AS MATERIALIZED (
+    -- by primary key, the lease checked on the locked rows (see _COMPLETE_SQL)
+    SELECT d.id, d.status, d.lease_owner FROM tasks d
+    WHERE d.id = ANY(CAST(:held AS bigint[]))
+    ORDER BY d.id
+    FOR NO KEY UPDATE OF d SKIP LOCKED
+)
+UPDATE tasks t SET lease_expires_at = now() + make_interval(secs => :lease)
+FROM d
+WHERE t.id = d.id AND d.lease_owner = :worker AND d.status = 'leased'
+"""
+)
+
+
 async def renew_leases(
     conn: AsyncConnection, worker_id: uuid.UUID, lease_s: float, held: Sequence[int]
 ) -> int:
     """Extend the leases of the tasks this worker really holds (and only those: a lease it
-    owns without knowing, from a claim whose COMMIT answer was lost, must run out)."""
+    owns without knowing, from a claim whose COMMIT answer was lost, must run out).
+
+    A row locked right now is skipped, not waited for: its completion (this worker's
+    writer) or its cancellation holds it, and ends the lease anyway. Waiting could deadlock
+    with the writer, which locks its rows in another order (measured: with a beat every
+    0.2 s on a busy no-op queue, most beats and many completions died as deadlock victims,
+    each after deadlock_timeout). A skipped row still leased gets its lease renewed at the
+    next beat, well within the lease (lease_seconds is several beats).
+    """
     result = await conn.execute(
-        text(
-            "UPDATE tasks SET lease_expires_at = now() + make_interval(secs => :lease) "
-            "WHERE lease_owner = :worker AND status = 'leased' "
-            "AND id = ANY(CAST(:held AS bigint[]))"
-        ),
-        {"worker": worker_id, "lease": lease_s, "held": list(held)},
+        _RENEW_SQL, {"worker": worker_id, "lease": lease_s, "held": list(held)}
     )
     return int(getattr(result, "rowcount", 0) or 0)
 
