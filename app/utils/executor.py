@@ -111,6 +111,9 @@ CLAIM_AFTER_FREED = 4
 # for whole poll intervals.
 EMPTY_CLAIM_RETRY_S = 0.05
 EMPTY_CLAIM_RETRIES = 4
+# Outcomes waiting for the writer, in chunks (claim_batch x 5 outcomes): at this many the
+# claim loop waits for the writer to catch up.
+MAX_UNSTORED_CHUNKS = 2
 
 
 class HeldConnection:
@@ -480,6 +483,11 @@ class AsyncJobExecutor:
     def outstanding(self) -> int:
         return len(self._inflight)
 
+    @property
+    def unstored(self) -> int:
+        """Outcomes of finished tasks that the writer has not stored yet."""
+        return len(self._outcomes)
+
     def _held(self) -> list[int]:
         """Tasks whose lease this worker holds: running, or done and not yet stored."""
         return list(self._inflight.keys() | self._unflushed)
@@ -523,6 +531,12 @@ class AsyncJobExecutor:
             # to `concurrency` tasks may wait locally (per-host gates) beyond those running
             room = 2 * self.concurrency - self.outstanding
             if self.outstanding and room < min(self.batch, self.concurrency):
+                await self._wait_wake(self.settings.poll_interval)
+                continue
+            if self.unstored >= MAX_UNSTORED_CHUNKS * self._chunk:
+                # finished tasks whose outcomes wait for the writer keep their leases: when
+                # it falls behind (a slow database), lease nothing more until it catches up
+                # (each flush wakes this loop), or the worker would lease the whole queue
                 await self._wait_wake(self.settings.poll_interval)
                 continue
             asked = min(room, self.batch)

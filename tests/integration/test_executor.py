@@ -208,6 +208,34 @@ async def test_a_claim_that_found_the_host_locked_is_retried_soon(
     assert row["status"] == "completed" and row["succeeded"] == 8
 
 
+async def test_a_worker_whose_writer_is_stuck_stops_leasing(
+    db: ConnectionManager, site: LocalSite, db_url: str, executors: list
+) -> None:
+    """Finished tasks keep their leases until the writer stores their outcomes: while it
+    cannot (here the pages table is locked), the worker leases at most its bound, not the
+    whole queue; once it can, everything is stored."""
+    from app.utils.executor import MAX_UNSTORED_CHUNKS
+
+    settings = make_settings(db_url, worker_concurrency=16, claim_batch=10)
+    job_id = await create_job(db, [site.url(f"/page/{n}") for n in range(600)])
+    bound = MAX_UNSTORED_CHUNKS * 10 * 5 + 2 * 16 + 10  # unstored + running + one claim
+    async with db.engine.connect() as holder:
+        await holder.execute(text("LOCK TABLE pages IN SHARE MODE"))  # no INSERT gets by
+        worker = await start_executor(settings, executors)
+        for _ in range(300):
+            if worker.unstored >= MAX_UNSTORED_CHUNKS * 50:
+                break
+            await asyncio.sleep(0.01)
+        assert worker.unstored >= MAX_UNSTORED_CHUNKS * 50, "the writer fell behind"
+        await asyncio.sleep(1.0)  # (the site answers 600 pages in well under a second)
+        counts = await task_counts(db, job_id)
+        assert counts.get("leased", 0) <= bound and counts.get("queued", 0) >= 600 - bound
+        await holder.commit()
+    row = await wait_terminal(db, job_id)
+    assert row["status"] == "completed" and row["succeeded"] == 600
+    assert sum(site.hits.values()) == 600
+
+
 async def test_killed_executor_leases_are_finished_by_another(
     db: ConnectionManager, site: LocalSite, worker_settings: Settings, executors: list
 ) -> None:
