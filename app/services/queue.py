@@ -233,9 +233,9 @@ WITH v AS (
         AS v(id, state, delay, error)
 ), mine AS MATERIALIZED (
     -- each row found by primary key from its outcome, locked in id order; the lease is
-    -- checked on the rows as locked. (With the lease condition on the updated table the
-    -- planner, expecting few leased tasks, read every leased task to hash them, and joined
-    -- an unnest() scanned once per row: quadratic in the leases held.)
+    -- checked on the rows as locked. (With the lease condition on the table it reads, the
+    -- planner, expecting few leased tasks, reads every leased task through the partial
+    -- index, per batch or even per outcome: slow once a worker holds thousands of leases.)
     SELECT t.id, t.status, t.lease_owner, v.state, v.delay, v.error
     FROM v JOIN tasks t ON t.id = v.id
     ORDER BY t.id
