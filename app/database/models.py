@@ -62,6 +62,10 @@ class JobStatus(enum.StrEnum):
 TERMINAL_JOB_STATUSES = frozenset({JobStatus.completed, JobStatus.failed, JobStatus.cancelled})
 
 
+# tasks.fillfactor: room in each page for the HOT update that ends a task
+TASKS_FILLFACTOR = 80
+
+
 class TaskStatus(enum.StrEnum):
     queued = "queued"
     leased = "leased"
@@ -157,7 +161,14 @@ class Job(Base):
 
 
 class Task(Base):
-    """One URL of a job: the frontier row the executor claims."""
+    """One URL of a job. While it is to be done (status queued) it has a row in
+    `task_queue`, which holds its place in the queue and its lease; finished, only this row
+    is left, with the outcome (migration 0008).
+
+    None of the columns the executor writes (status, attempts, last_error, updated_at) is
+    in an index, so the completion's update of a task is a HOT update (no index entry
+    written); the fillfactor leaves room in each page for it.
+    """
 
     __tablename__ = "tasks"
 
@@ -169,17 +180,15 @@ class Task(Base):
     host: Mapped[str] = mapped_column(String(255))
     depth: Mapped[int] = mapped_column(SmallInteger, server_default="0")
     priority: Mapped[int] = mapped_column(SmallInteger, server_default="0")
+    # queued (waiting or leased: see task_queue), succeeded, failed, skipped, cancelled;
+    # 'leased' is only found in rows of schemas before 0008
     status: Mapped[TaskStatus] = mapped_column(
         _enum(TaskStatus, "task_status"), server_default=TaskStatus.queued.value
     )
+    # attempts made: kept in task_queue while queued, written here as the task ends
     attempts: Mapped[int] = mapped_column(SmallInteger, server_default="0")
     max_attempts: Mapped[int] = mapped_column(SmallInteger, server_default="3")
     next_attempt_at: Mapped[datetime] = _now()
-    lease_owner: Mapped[uuid.UUID | None]
-    lease_expires_at: Mapped[datetime | None]
-    # set while leased once the task's requests are over (parsing, storing): the claim
-    # no longer counts it against its host (migration 0006)
-    fetched_at: Mapped[datetime | None]
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _now()
     updated_at: Mapped[datetime] = _now()
@@ -187,28 +196,55 @@ class Task(Base):
     job: Mapped[Job] = relationship(back_populates="tasks", lazy="raise")
 
     __table_args__ = (
+        # also serves every per-job scan of tasks (led by job_id)
         Index("uq_tasks_job_url_hash", "job_id", "url_hash", unique=True),
-        # the claim: queued rows only, per host (a skip scan finds the hosts with work),
+        {"postgresql_with": {"fillfactor": TASKS_FILLFACTOR}},
+    )
+
+
+class TaskQueue(Base):
+    """The queue: one row per task to be done, waiting (no lease) or leased to a worker.
+
+    A row is added when its task is inserted queued (a trigger on tasks, migration 0008) or
+    re-queued (retry, resume), and deleted when its task ends: the claim and the lease's
+    end touch only this narrow table's three indexes, not the wide tasks table's.
+    `attempts` counts the claims so far; `leased_at` is when the current lease began (a
+    renewal moves only its expiry). `fetched_at` is set while leased once the task's
+    requests are over (parsing, storing): the claim no longer counts it against its host.
+    """
+
+    __tablename__ = "task_queue"
+
+    task_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    host: Mapped[str] = mapped_column(String(255))
+    priority: Mapped[int] = mapped_column(SmallInteger)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(SmallInteger, server_default="0")
+    lease_owner: Mapped[uuid.UUID | None]
+    lease_expires_at: Mapped[datetime | None]
+    leased_at: Mapped[datetime | None]
+    fetched_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        # the claim: waiting rows only, per host (a skip scan finds the hosts with work),
         # best priority first, then due time, then FIFO
         Index(
-            "ix_tasks_claim",
+            "ix_task_queue_claim",
             "host",
             text("priority DESC"),
             "next_attempt_at",
-            "id",
-            postgresql_where=text("status = 'queued'"),
+            "task_id",
+            postgresql_where=text("lease_owner IS NULL"),
         ),
-        # expired-lease recovery scans leased rows only
-        Index(
-            "ix_tasks_lease_expiry",
-            "lease_expires_at",
-            postgresql_where=text("status = 'leased'"),
-        ),
-        # the claim counts each host's leased tasks (its fetches in flight, cluster-wide)
-        Index("ix_tasks_host_leased", "host", postgresql_where=text("status = 'leased'")),
-        Index("ix_tasks_job_status", "job_id", "status"),
+        # leased rows per host (fetches in flight, cluster-wide); lease recovery reads all
+        # of them (a few per worker slot). lease_expires_at is in no index: a renewal is a
+        # HOT update
+        Index("ix_task_queue_leased", "host", postgresql_where=text("lease_owner IS NOT NULL")),
+        # a job's cancellation
+        Index("ix_task_queue_job_id", "job_id"),
         CheckConstraint(
-            "(status = 'leased') = (lease_expires_at IS NOT NULL)", name="lease_iff_leased"
+            "(lease_owner IS NULL) = (lease_expires_at IS NULL)", name="lease_has_expiry"
         ),
     )
 

@@ -287,7 +287,8 @@ SELECT w.id, w.hostname, w.pid, w.version, w.concurrency, w.in_flight, w.state,
        coalesce(l.n, 0) AS leased
 FROM workers w
 LEFT JOIN (
-    SELECT lease_owner, count(*) AS n FROM tasks WHERE status = 'leased' GROUP BY lease_owner
+    SELECT lease_owner, count(*) AS n FROM task_queue WHERE lease_owner IS NOT NULL
+    GROUP BY lease_owner
 ) l ON l.lease_owner = w.id
 WHERE (CAST(:all AS boolean) OR w.state <> 'stopped')
   AND (CAST(:id AS uuid) IS NULL OR w.id = CAST(:id AS uuid))
@@ -360,14 +361,14 @@ async def drain_worker(
 _QUEUE_SQL = text(
     """
 SELECT priority,
-       count(*) FILTER (WHERE status = 'queued') AS queued,
-       count(*) FILTER (WHERE status = 'queued' AND next_attempt_at <= now()) AS due,
-       count(*) FILTER (WHERE status = 'leased') AS leased,
-       count(*) FILTER (WHERE status = 'leased' AND lease_expires_at < now()) AS expired,
+       count(*) FILTER (WHERE lease_owner IS NULL) AS queued,
+       count(*) FILTER (WHERE lease_owner IS NULL AND next_attempt_at <= now()) AS due,
+       count(*) FILTER (WHERE lease_owner IS NOT NULL) AS leased,
+       count(*) FILTER (WHERE lease_expires_at < now()) AS expired,
        extract(epoch FROM now() - min(next_attempt_at)
-               FILTER (WHERE status = 'queued' AND next_attempt_at <= now()))::float8
+               FILTER (WHERE lease_owner IS NULL AND next_attempt_at <= now()))::float8
            AS oldest_s
-FROM tasks WHERE status IN ('queued', 'leased')
+FROM task_queue
 GROUP BY priority ORDER BY priority DESC
 """
 )
@@ -382,8 +383,8 @@ async def limit_statement_time(conn: AsyncConnection, seconds: float) -> None:
 
 
 async def queue_figures(conn: AsyncConnection) -> QueuePublic:
-    """Queue depth by status and priority; counts the queued and leased rows (partial
-    indexes), not the finished ones."""
+    """Queue depth by status and priority; reads the queue's rows (task_queue: the tasks
+    queued or leased), not the finished tasks."""
     rows = (await conn.execute(_QUEUE_SQL)).mappings().all()
     paused_row = (await conn.execute(_PAUSED_SQL)).mappings().one_or_none()
     jobs_by_status = dict.fromkeys((s.value for s in JobStatus), 0)

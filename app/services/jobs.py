@@ -539,23 +539,26 @@ _STATUS_FOR_UPDATE_SQL = text(
     "SELECT status FROM jobs WHERE id = :id AND tenant = :tenant FOR UPDATE"
 )
 
-# Task rows first (the queue's lock order), taken in id order so two statements locking
-# overlapping task sets do not cross. Leased tasks are cancelled too: the worker holding
-# one cannot complete it any more (completion requires status = 'leased'), and the
-# NOTIFY of the transition makes it abort the fetch. FOR UPDATE re-checks the status of
-# a row it waited for, so a task completed meanwhile keeps its outcome.
+# The job's queue rows first (the queue's lock order), taken in id order so two statements
+# locking overlapping task sets do not cross, and deleted; then their tasks rows. Leased
+# tasks are cancelled too: the worker holding one cannot complete it any more (completion
+# needs its queue row), and the NOTIFY of the transition makes it abort the fetch. A row
+# that a completion deleted while we waited for it is skipped, so that task keeps its
+# outcome.
 _CANCEL_TASKS_SQL = text(
     """
 WITH locked AS MATERIALIZED (
-    SELECT id FROM tasks
-    WHERE job_id = :id AND status IN ('queued', 'leased')
+    SELECT task_id FROM task_queue
+    WHERE job_id = :id
       AND EXISTS (SELECT 1 FROM jobs WHERE jobs.id = :id AND jobs.tenant = :tenant)
-    ORDER BY id
+    ORDER BY task_id
     FOR UPDATE
+), ended AS (
+    DELETE FROM task_queue q USING locked WHERE q.task_id = locked.task_id
+    RETURNING q.task_id, q.attempts
 )
-UPDATE tasks t SET status = 'cancelled', lease_owner = NULL, lease_expires_at = NULL,
-                   updated_at = now()
-FROM locked WHERE t.id = locked.id
+UPDATE tasks t SET status = 'cancelled', attempts = ended.attempts, updated_at = now()
+FROM ended WHERE t.id = ended.task_id
 """
 )
 _ZERO_ACTIVE_SQL = text(
@@ -600,21 +603,33 @@ async def cancel_job(session: AsyncSession, tenant: str, job_id: uuid.UUID) -> J
 # Retry
 
 
-_REQUEUE_FAILED_SQL = text(
-    """
+def _requeue_sql(status: str, drop_pages: bool) -> Any:
+    """A job's tasks in `status` back to the queue (new queue rows), attempts from zero;
+    returns how many. With `drop_pages`, their pages go (a retry fetches them again)."""
+    dropped = (
+        "), dropped AS (\n    DELETE FROM pages WHERE task_id IN (SELECT id FROM requeued)\n"
+        if drop_pages
+        else ""
+    )
+    return text(
+        f"""
 WITH requeued AS (
     UPDATE tasks SET status = 'queued', attempts = 0, next_attempt_at = now(),
-                     last_error = NULL, lease_owner = NULL, lease_expires_at = NULL,
-                     updated_at = now()
-    WHERE job_id = :id AND status = 'failed'
+                     last_error = NULL, updated_at = now()
+    WHERE job_id = :id AND status = '{status}'
       AND EXISTS (SELECT 1 FROM jobs WHERE jobs.id = :id AND jobs.tenant = :tenant)
-    RETURNING id
-), dropped AS (
-    DELETE FROM pages WHERE task_id IN (SELECT id FROM requeued)
-)
+    RETURNING id, job_id, host, priority, next_attempt_at
+), queued AS (
+    INSERT INTO task_queue (task_id, job_id, host, priority, next_attempt_at)
+    SELECT id, job_id, host, priority, next_attempt_at FROM requeued
+    ON CONFLICT (task_id) DO NOTHING
+{dropped})
 SELECT count(*) FROM requeued
 """
-)
+    )
+
+
+_REQUEUE_FAILED_SQL = _requeue_sql("failed", drop_pages=True)
 
 # Counters recomputed from the tasks themselves rather than adjusted: a retry is rare
 # and this leaves them exactly right whatever happened before.
@@ -625,11 +640,11 @@ UPDATE jobs j SET
     succeeded = c.succeeded, failed = c.failed, updated_at = now()
 FROM (
     SELECT count(*) AS total,
-           count(*) FILTER (WHERE status = 'queued') AS queued,
-           count(*) FILTER (WHERE status = 'leased') AS running,
-           count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
-           count(*) FILTER (WHERE status = 'failed') AS failed
-    FROM tasks WHERE job_id = :id
+           count(*) FILTER (WHERE t.status = 'queued' AND q.lease_owner IS NULL) AS queued,
+           count(*) FILTER (WHERE q.lease_owner IS NOT NULL) AS running,
+           count(*) FILTER (WHERE t.status = 'succeeded') AS succeeded,
+           count(*) FILTER (WHERE t.status = 'failed') AS failed
+    FROM tasks t LEFT JOIN task_queue q ON q.task_id = t.id WHERE t.job_id = :id
 ) c
 WHERE j.id = :id AND j.tenant = :tenant
 """
@@ -662,14 +677,7 @@ async def retry_job(session: AsyncSession, tenant: str, job_id: uuid.UUID) -> Jo
 # The cancelled tasks go back to the queue: a cancelled crawl continues from its frontier
 # (links found before the cancel were enqueued as tasks and were cancelled with it). Their
 # attempts start again: a cancellation is not the URL's failure.
-_REQUEUE_CANCELLED_SQL = text(
-    """
-UPDATE tasks SET status = 'queued', attempts = 0, next_attempt_at = now(), last_error = NULL,
-                 lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
-WHERE job_id = :id AND status = 'cancelled'
-  AND EXISTS (SELECT 1 FROM jobs WHERE jobs.id = :id AND jobs.tenant = :tenant)
-"""
-)
+_REQUEUE_CANCELLED_SQL = _requeue_sql("cancelled", drop_pages=False)
 
 
 async def resume_job(session: AsyncSession, tenant: str, job_id: uuid.UUID) -> JobPublic:
@@ -683,8 +691,7 @@ async def resume_job(session: AsyncSession, tenant: str, job_id: uuid.UUID) -> J
     if status != JobStatus.cancelled:
         raise Conflict(f"job {job_id} is {status}; only a cancelled job can be resumed")
     params = {"id": job_id, "tenant": tenant}
-    result = await conn.execute(_REQUEUE_CANCELLED_SQL, params)
-    resumed = int(getattr(result, "rowcount", 0) or 0)
+    resumed = int((await conn.execute(_REQUEUE_CANCELLED_SQL, params)).scalar_one())
     if resumed == 0:
         raise Conflict(f"job {job_id} has no cancelled tasks left to resume")
     await conn.execute(_RECOUNT_SQL, params)

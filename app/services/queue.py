@@ -1,6 +1,13 @@
 """The task queue in SQL: claim, complete, release and recover leases, in batches.
 
-Lock order everywhere: task rows first, then job rows in id order. The claim, the
+A task to be done has a row in `task_queue` (migration 0008): its place in the queue and,
+once claimed, its lease. The claim, the renewal and the release write only that narrow
+row; the end of a task deletes it and writes the outcome into the tasks row with a HOT
+update (no indexed column changes), so no path of a task through the queue writes an
+entry into the tasks table's indexes.
+
+Lock order everywhere: queue rows (in task id order) first, then their tasks rows, then
+job rows in id order. The claim, the
 completion, cancellation and lease recovery all follow it, so they cannot deadlock on
 each other.
 
@@ -77,23 +84,23 @@ class Outcome:
 
 
 # THE CLAIM, two statements run by one call of the function trawler_claim() (migrations
-# 0006, 0007; one round trip, so the hosts' row locks last only as long as PostgreSQL's own
+# 0006, 0007, 0008; one round trip, so the hosts' row locks last only as long as PostgreSQL's own
 # work, not across round trips to a worker whose event loop is busy parsing pages), so
 # that per-host politeness holds across every worker process:
 #
 # 1. the first statement walks the hosts that have queued work (a skip scan over
-#    ix_tasks_claim, which is led by host), starting after the caller's round-robin
+#    ix_task_queue_claim, which is led by host), starting after the caller's round-robin
 #    cursor, keeps those that are due (not blocked by Retry-After, next fetch start
 #    reached), not obviously saturated and with a due task, and locks their `hosts` rows
 #    FOR UPDATE SKIP LOCKED. A host is thus claimed for by one worker at a time; the
 #    others skip it.
 # 2. the second then runs with a fresh snapshot, taken after those locks were granted, so
 #    it sees every lease committed by the previous holder of each lock. Per host it counts
-#    the leased tasks (fetches in flight, cluster-wide; ix_tasks_host_leased) and takes at
+#    the leased tasks (fetches in flight, cluster-wide; ix_task_queue_leased) and takes at
 #    most `max_concurrency - leased` of its best due tasks (priority, due time, FIFO).
 #    Leased tasks whose requests are over (parsing, or waiting to be stored) hold no
 #    connection to the host and are not counted: the claiming worker names its own in
-#    `done`, the function marks them (tasks.fetched_at, cleared when a task is leased)
+#    `done`, the function marks them (task_queue.fetched_at, cleared when it is leased)
 #    and every worker's claim skips marked tasks from then on. Those the worker's writer
 #    is storing at that moment are row-locked by the completion: the mark skips them
 #    rather than wait for that transaction (migration 0007). A worker
@@ -207,7 +214,7 @@ async def mark_jobs_running(conn: AsyncConnection, job_ids: Sequence[uuid.UUID])
 # Group commit of many outcomes, in two statements of one transaction:
 #
 # 1. _COMPLETE_SQL ends the leases and stores the pages, without touching `jobs`: only the
-#    current lease owner may complete a task (status = 'leased' AND lease_owner = me), so a
+#    current lease owner may complete a task (its queue row's lease_owner = me), so a
 #    worker whose lease expired and was taken over stores nothing and each task's page is
 #    stored exactly once (also backed by the unique index on pages.task_id). It returns
 #    what changed per job.
@@ -219,7 +226,7 @@ async def mark_jobs_running(conn: AsyncConnection, job_ids: Sequence[uuid.UUID])
 #    are two statements, so the second's snapshot is newer than the lock), and the cap is
 #    exact and reached whenever enough links were found.
 #
-# The task rows are locked first, in id order (`mine`): the queue's lock order, which the
+# The queue rows are locked first, in id order (`mine`): the queue's lock order, which the
 # cancellation of a job (jobs._CANCEL_TASKS_SQL) and the release of leases follow too, so
 # two of them locking overlapping tasks wait for each other instead of deadlocking (an
 # UPDATE ... FROM locks rows in whatever order its plan joins them). The jobs rows are
@@ -232,23 +239,33 @@ WITH v AS (
                          CAST(:delays AS float8[]), CAST(:errors AS text[]))
         AS v(id, state, delay, error)
 ), mine AS MATERIALIZED (
-    -- each row found by primary key from its outcome, locked in id order; the lease is
-    -- checked on the rows as locked. (With the lease condition on the table it reads, the
-    -- planner, expecting few leased tasks, reads every leased task through the partial
+    -- each queue row found by primary key from its outcome, locked in id order; the lease
+    -- is checked on the rows as locked. (With the lease condition on the table it reads,
+    -- the planner, expecting few leased tasks, reads every leased task through the partial
     -- index, per batch or even per outcome: slow once a worker holds thousands of leases.)
-    SELECT t.id, t.status, t.lease_owner, v.state, v.delay, v.error
-    FROM v JOIN tasks t ON t.id = v.id
-    ORDER BY t.id
-    FOR NO KEY UPDATE OF t
+    SELECT q.task_id AS id, q.lease_owner, q.attempts, v.state, v.delay, v.error
+    FROM v JOIN task_queue q ON q.task_id = v.id
+    ORDER BY q.task_id
+    FOR UPDATE OF q
+), ended AS (
+    DELETE FROM task_queue q USING mine m
+    WHERE q.task_id = m.id AND m.lease_owner = :worker AND m.state <> 'retry'
+), retried AS (
+    UPDATE task_queue q SET
+        lease_owner = NULL, lease_expires_at = NULL, leased_at = NULL, fetched_at = NULL,
+        next_attempt_at = now() + make_interval(secs => m.delay)
+    FROM mine m
+    WHERE q.task_id = m.id AND m.lease_owner = :worker AND m.state = 'retry'
 ), upd AS (
+    -- unindexed columns only: a HOT update
     UPDATE tasks t SET
         status = CASE m.state WHEN 'retry' THEN 'queued' ELSE m.state END,
         next_attempt_at = CASE m.state WHEN 'retry'
                                THEN now() + make_interval(secs => m.delay)
                                ELSE t.next_attempt_at END,
-        lease_owner = NULL, lease_expires_at = NULL, last_error = m.error, updated_at = now()
+        attempts = m.attempts, last_error = m.error, updated_at = now()
     FROM mine m
-    WHERE t.id = m.id AND m.status = 'leased' AND m.lease_owner = :worker
+    WHERE t.id = m.id AND m.lease_owner = :worker
     RETURNING t.id, t.job_id, m.state
 ), stored AS (
     INSERT INTO pages (job_id, task_id, url, final_url, status_code, ok, depth,
@@ -409,20 +426,20 @@ _RELEASE_SQL = text(
     """
 WITH mine AS MATERIALIZED (
     -- in id order, the queue's lock order (see _COMPLETE_SQL)
-    SELECT t.id, t.status, t.lease_owner FROM tasks t
-    WHERE t.lease_owner = :worker AND t.status = 'leased'
-      AND (CAST(:ids AS bigint[]) IS NULL OR t.id = ANY(CAST(:ids AS bigint[])))
+    SELECT q.task_id, q.lease_owner FROM task_queue q
+    WHERE q.lease_owner = :worker
+      AND (CAST(:ids AS bigint[]) IS NULL OR q.task_id = ANY(CAST(:ids AS bigint[])))
       AND (CAST(:keep AS bigint[]) IS NULL
-           OR (NOT t.id = ANY(CAST(:keep AS bigint[]))
-               AND t.updated_at < now() - make_interval(secs => :older)))
-    ORDER BY t.id
-    FOR NO KEY UPDATE OF t
+           OR (NOT q.task_id = ANY(CAST(:keep AS bigint[]))
+               AND q.leased_at < now() - make_interval(secs => :older)))
+    ORDER BY q.task_id
+    FOR NO KEY UPDATE OF q
 ), upd AS (
-    UPDATE tasks t SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL,
-                       attempts = greatest(t.attempts - 1, 0), updated_at = now()
+    UPDATE task_queue q SET lease_owner = NULL, lease_expires_at = NULL, leased_at = NULL,
+                            fetched_at = NULL, attempts = greatest(q.attempts - 1, 0)
     FROM mine
-    WHERE t.id = mine.id AND mine.lease_owner = :worker AND mine.status = 'leased'
-    RETURNING t.job_id
+    WHERE q.task_id = mine.task_id AND mine.lease_owner = :worker
+    RETURNING q.job_id
 ), per_job AS (
     SELECT job_id, count(*) AS n FROM upd GROUP BY job_id
 ), locked AS MATERIALIZED (
@@ -464,22 +481,30 @@ async def release(
 _RECOVER_SQL = text(
     """
 WITH lost AS (
-    SELECT t.id FROM tasks t
-    WHERE t.status = 'leased'
-      AND (t.lease_expires_at < now()
-           OR t.lease_owner IN (
+    SELECT q.task_id, q.attempts FROM task_queue q
+    WHERE q.lease_owner IS NOT NULL
+      AND (q.lease_expires_at < now()
+           OR q.lease_owner IN (
                SELECT w.id FROM workers w
                WHERE w.state = 'stopped'
                   OR w.heartbeat_at < now() - make_interval(secs => :stale)))
-    ORDER BY t.id
+    ORDER BY q.task_id
     LIMIT :n
-    FOR UPDATE OF t SKIP LOCKED
+    FOR UPDATE OF q SKIP LOCKED
+), x AS (
+    SELECT l.task_id, l.attempts, l.attempts >= t.max_attempts AS exhausted
+    FROM lost l JOIN tasks t ON t.id = l.task_id
+), ended AS (
+    DELETE FROM task_queue q USING x WHERE q.task_id = x.task_id AND x.exhausted
+), back AS (
+    UPDATE task_queue q SET lease_owner = NULL, lease_expires_at = NULL, leased_at = NULL,
+                            fetched_at = NULL
+    FROM x WHERE q.task_id = x.task_id AND NOT x.exhausted
 ), upd AS (
     UPDATE tasks t SET
-        status = CASE WHEN t.attempts >= t.max_attempts THEN 'failed' ELSE 'queued' END,
-        lease_owner = NULL, lease_expires_at = NULL, updated_at = now(),
-        last_error = 'lease expired: worker lost'
-    FROM lost WHERE t.id = lost.id
+        status = CASE WHEN x.exhausted THEN 'failed' ELSE 'queued' END,
+        attempts = x.attempts, updated_at = now(), last_error = 'lease expired: worker lost'
+    FROM x WHERE t.id = x.task_id
     RETURNING t.id, t.job_id, t.url, t.depth, t.status
 ), per_job AS (
     SELECT job_id, count(*) AS n,
@@ -518,14 +543,15 @@ _RENEW_SQL = text(
     """
 WITH d AS MATERIALIZED (
     -- by primary key, the lease checked on the locked rows (see _COMPLETE_SQL)
-    SELECT d.id, d.status, d.lease_owner FROM tasks d
-    WHERE d.id = ANY(CAST(:held AS bigint[]))
-    ORDER BY d.id
+    SELECT d.task_id, d.lease_owner FROM task_queue d
+    WHERE d.task_id = ANY(CAST(:held AS bigint[]))
+    ORDER BY d.task_id
     FOR NO KEY UPDATE OF d SKIP LOCKED
 )
-UPDATE tasks t SET lease_expires_at = now() + make_interval(secs => :lease)
+-- lease_expires_at is in no index: a HOT update
+UPDATE task_queue q SET lease_expires_at = now() + make_interval(secs => :lease)
 FROM d
-WHERE t.id = d.id AND d.lease_owner = :worker AND d.status = 'leased'
+WHERE q.task_id = d.task_id AND d.lease_owner = :worker
 """
 )
 
@@ -554,8 +580,8 @@ async def next_due_in(conn: AsyncConnection) -> float | None:
     value = (
         await conn.execute(
             text(
-                "SELECT extract(epoch FROM min(next_attempt_at) - now()) FROM tasks "
-                "WHERE status = 'queued'"
+                "SELECT extract(epoch FROM min(next_attempt_at) - now()) FROM task_queue "
+                "WHERE lease_owner IS NULL"
             )
         )
     ).scalar_one_or_none()

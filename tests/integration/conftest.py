@@ -76,7 +76,7 @@ def count(db: ConnectionManager) -> Count:
     """Rows in a table (committed state, read on a connection of its own)."""
 
     async def _count(table: str) -> int:
-        assert table in {"jobs", "tasks", "pages", "job_events", "api_keys"}
+        assert table in {"jobs", "tasks", "task_queue", "pages", "job_events", "api_keys"}
         async with db.engine.connect() as conn:
             return int((await conn.execute(text(f"SELECT count(*) FROM {table}"))).scalar_one())
 

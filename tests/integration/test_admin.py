@@ -165,6 +165,7 @@ async def test_purge_removes_exactly_the_finished_jobs_older_than_the_cutoff(
     assert left == {fresh_other, fresh_own, running["id"], queued}
     orphans = await sql(
         "SELECT (SELECT count(*) FROM tasks WHERE job_id = ANY(CAST(:ids AS uuid[]))) + "
+        "(SELECT count(*) FROM task_queue WHERE job_id = ANY(CAST(:ids AS uuid[]))) + "
         "(SELECT count(*) FROM pages WHERE job_id = ANY(CAST(:ids AS uuid[]))) + "
         "(SELECT count(*) FROM job_events WHERE job_id = ANY(CAST(:ids AS uuid[])))",
         ids=old,
@@ -232,7 +233,9 @@ async def executor(worker_settings: Settings) -> AsyncIterator[AsyncJobExecutor]
 
 async def _claimed(sql: SqlRun, job_id: uuid.UUID) -> int:
     rows = await sql(
-        "SELECT count(*) FROM tasks WHERE job_id = :id AND status <> 'queued'", id=job_id
+        "SELECT count(*) FROM tasks t WHERE job_id = :id AND (status <> 'queued' OR "
+        "EXISTS (SELECT 1 FROM task_queue q WHERE q.task_id = t.id AND q.lease_owner IS NOT NULL))",
+        id=job_id,
     )
     return int(rows[0][0])
 
@@ -367,16 +370,16 @@ async def test_queue_figures_and_requeue_of_expired_leases(
     await lease_one(sql, high["id"], "https://q.example/1")
     # a lease that ran out (its worker crashed) and a task retried later
     await sql(
-        "UPDATE tasks SET lease_expires_at = now() - interval '1 minute' "
-        "WHERE url = 'https://q.example/1'"
+        "UPDATE task_queue SET lease_expires_at = now() - interval '1 minute' "
+        "WHERE task_id = (SELECT id FROM tasks WHERE url = 'https://q.example/1')"
     )
     await sql(
-        "UPDATE tasks SET next_attempt_at = now() + interval '1 hour' "
-        "WHERE url = 'https://q.example/2'"
+        "UPDATE task_queue SET next_attempt_at = now() + interval '1 hour' "
+        "WHERE task_id = (SELECT id FROM tasks WHERE url = 'https://q.example/2')"
     )
     await sql(
-        "UPDATE tasks SET next_attempt_at = now() - interval '90 seconds' "
-        "WHERE url = 'https://q.example/3'"
+        "UPDATE task_queue SET next_attempt_at = now() - interval '90 seconds' "
+        "WHERE task_id = (SELECT id FROM tasks WHERE url = 'https://q.example/3')"
     )
     queue = (await client.get(f"{ADMIN}/queue", headers=admin_headers)).json()
     assert queue["by_status"] == {"queued": 2, "due": 1, "delayed": 1, "leased": 1}

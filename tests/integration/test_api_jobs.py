@@ -44,10 +44,12 @@ async def settle(db: ConnectionManager, job_id: str | uuid.UUID, outcomes: dict[
             task_id = (
                 await conn.execute(
                     text(
-                        "UPDATE tasks SET status = CAST(:st AS text), attempts = 1, "
+                        "WITH t AS (UPDATE tasks SET status = CAST(:st AS text), attempts = 1, "
                         "last_error = CASE WHEN CAST(:st AS text) = 'failed' "
                         "THEN 'HTTP 503' END "
-                        "WHERE job_id = :id AND url = :url RETURNING id"
+                        "WHERE job_id = :id AND url = :url RETURNING id), "
+                        "ended AS (DELETE FROM task_queue WHERE task_id IN (SELECT id FROM t)) "
+                        "SELECT id FROM t"
                     ),
                     {"st": status, "id": jid, "url": url},
                 )
@@ -72,11 +74,13 @@ async def settle(db: ConnectionManager, job_id: str | uuid.UUID, outcomes: dict[
         await conn.execute(
             text(
                 """UPDATE jobs j SET queued = c.q, running = c.r, succeeded = c.s, failed = c.f
-                   FROM (SELECT count(*) FILTER (WHERE status = 'queued') q,
-                                count(*) FILTER (WHERE status = 'leased') r,
+                   FROM (SELECT count(*) FILTER (WHERE status = 'queued'
+                                                   AND q.lease_owner IS NULL) q,
+                                count(*) FILTER (WHERE q.lease_owner IS NOT NULL) r,
                                 count(*) FILTER (WHERE status = 'succeeded') s,
                                 count(*) FILTER (WHERE status = 'failed') f
-                         FROM tasks WHERE job_id = :id) c
+                         FROM tasks t LEFT JOIN task_queue q ON q.task_id = t.id
+                         WHERE t.job_id = :id) c
                    WHERE j.id = :id"""
             ),
             {"id": jid},
@@ -88,8 +92,9 @@ async def settle(db: ConnectionManager, job_id: str | uuid.UUID, outcomes: dict[
 async def lease_one(sql: SqlRun, job_id: str, url: str) -> None:
     """Simulate a worker's claim of one task: leased, job counters moved, job running."""
     await sql(
-        "UPDATE tasks SET status = 'leased', lease_owner = gen_random_uuid(), attempts = 1, "
-        "lease_expires_at = now() + interval '60 s' WHERE job_id = :id AND url = :url",
+        "UPDATE task_queue SET lease_owner = gen_random_uuid(), attempts = 1, leased_at = now(), "
+        "lease_expires_at = now() + interval '60 s' "
+        "WHERE task_id = (SELECT id FROM tasks WHERE job_id = :id AND url = :url)",
         id=job_id,
         url=url,
     )
@@ -333,9 +338,7 @@ async def test_cancel_cancels_queued_and_leased_tasks_and_notifies(
         "https://a.example/2": "cancelled",
         "https://a.example/3": "cancelled",
     }
-    leases = await sql(
-        "SELECT count(*) FROM tasks WHERE job_id = :id AND lease_owner IS NOT NULL", id=job["id"]
-    )
+    leases = await sql("SELECT count(*) FROM task_queue WHERE job_id = :id", id=job["id"])
     assert leases[0][0] == 0
     events = await sql("SELECT status FROM job_events WHERE job_id = :id ORDER BY id", id=job["id"])
     assert [e[0] for e in events][-1] == "cancelled"
@@ -457,18 +460,19 @@ async def test_delete_removes_the_job_and_every_row_of_it(
         {"https://a.example/0": "succeeded", "https://a.example/1": "failed"},
     )
     await client.post(f"{JOBS}/{gone['id']}/cancel", headers=auth_headers)
-    before = {t: await count(t) for t in ("jobs", "tasks", "pages", "job_events")}
+    tables = ("jobs", "tasks", "task_queue", "pages", "job_events")
+    before = {t: await count(t) for t in tables}
     assert before["pages"] == 2 and before["job_events"] >= 2
 
     response = await client.delete(f"{JOBS}/{gone['id']}", headers=auth_headers)
     assert response.status_code == 204
     assert response.content == b""
-    for table in ("jobs", "tasks", "pages", "job_events"):
+    for table in tables:
         column = "id" if table == "jobs" else "job_id"
         left = await sql(f"SELECT count(*) FROM {table} WHERE {column} = :id", id=gone["id"])
         assert left[0][0] == 0, f"{table} still has rows of the deleted job"
-    after = {t: await count(t) for t in ("jobs", "tasks", "pages", "job_events")}
-    assert after == {"jobs": 1, "tasks": 3, "pages": 0, "job_events": 0}
+    after = {t: await count(t) for t in tables}
+    assert after == {"jobs": 1, "tasks": 3, "task_queue": 3, "pages": 0, "job_events": 0}
     assert (await client.get(f"{JOBS}/{keep['id']}", headers=auth_headers)).status_code == 200
     assert (await client.get(f"{JOBS}/{gone['id']}", headers=auth_headers)).status_code == 404
     again = await client.delete(f"{JOBS}/{gone['id']}", headers=auth_headers)

@@ -41,7 +41,8 @@ async def test_lease_renewal_skips_rows_being_completed(db: ConnectionManager) -
         # the writer is storing the outcome of the middle task: its row is locked
         await writer.begin()
         await writer.execute(
-            text("SELECT 1 FROM tasks WHERE id = :id FOR NO KEY UPDATE"), {"id": ids[1]}
+            text("SELECT 1 FROM task_queue WHERE task_id = :id FOR NO KEY UPDATE"),
+            {"id": ids[1]},
         )
         # the heartbeat neither waits for it (lock_timeout would fail the statement) nor
         # renews it; the two others are renewed
@@ -53,8 +54,8 @@ async def test_lease_renewal_skips_rows_being_completed(db: ConnectionManager) -
     async with db.connect() as conn:
         rows = await conn.execute(
             text(
-                "SELECT id, lease_expires_at > now() + interval '300 seconds' FROM tasks "
-                "WHERE id = ANY(:ids)"
+                "SELECT task_id, lease_expires_at > now() + interval '300 seconds' "
+                "FROM task_queue WHERE task_id = ANY(:ids)"
             ),
             {"ids": ids},
         )
@@ -78,14 +79,18 @@ async def test_completion_locks_its_tasks_in_id_order(db: ConnectionManager) -> 
     outcomes = [Outcome(high, job_id, "succeeded"), Outcome(low, job_id, "succeeded")]
     async with db.engine.connect() as canceller, db.engine.connect() as writer:
         await canceller.begin()
-        await canceller.execute(text("SELECT 1 FROM tasks WHERE id = :id FOR UPDATE"), {"id": low})
+        await canceller.execute(
+            text("SELECT 1 FROM task_queue WHERE task_id = :id FOR UPDATE"), {"id": low}
+        )
         writer_pid = (await writer.execute(text("SELECT pg_backend_pid()"))).scalar_one()
         completing = asyncio.create_task(queue.complete(writer, worker, outcomes))
         await wait_for_lock_wait(db, writer_pid)  # waiting for `low`
         # the cancellation goes on to the next row: free, since the completion waits for
         # `low` before it locks `high` (in outcome order it would hold `high`: deadlock)
         await canceller.execute(text("SET LOCAL lock_timeout = '2s'"))
-        await canceller.execute(text("SELECT 1 FROM tasks WHERE id = :id FOR UPDATE"), {"id": high})
+        await canceller.execute(
+            text("SELECT 1 FROM task_queue WHERE task_id = :id FOR UPDATE"), {"id": high}
+        )
         await canceller.rollback()
         await asyncio.wait_for(completing, 10)
         await writer.commit()
@@ -100,8 +105,8 @@ async def test_completion_after_a_cancellation_stores_nothing(db: ConnectionMana
         await canceller.begin()
         await canceller.execute(
             text(
-                "UPDATE tasks SET status = 'cancelled', lease_owner = NULL, "
-                "lease_expires_at = NULL WHERE id = :id"
+                "WITH ended AS (DELETE FROM task_queue WHERE task_id = :id RETURNING task_id) "
+                "UPDATE tasks SET status = 'cancelled' FROM ended WHERE id = ended.task_id"
             ),
             {"id": ids[0]},
         )

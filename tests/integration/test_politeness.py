@@ -37,7 +37,9 @@ async def set_host(db: ConnectionManager, host: str, **values: object) -> None:
 async def leased_by_host(db: ConnectionManager) -> dict[str, int]:
     async with db.connect() as conn:
         rows = await conn.execute(
-            text("SELECT host, count(*) FROM tasks WHERE status = 'leased' GROUP BY host")
+            text(
+                "SELECT host, count(*) FROM task_queue WHERE lease_owner IS NOT NULL GROUP BY host"
+            )
         )
         return {r[0]: r[1] for r in rows}
 
@@ -46,7 +48,7 @@ async def finish(db: ConnectionManager, claim: queue.Claim) -> None:
     """Complete every task of a claim (each by its own lease owner)."""
     async with db.connect() as conn:
         owners = await conn.execute(
-            text("SELECT id, lease_owner FROM tasks WHERE id = ANY(:ids)"),
+            text("SELECT task_id, lease_owner FROM task_queue WHERE task_id = ANY(:ids)"),
             {"ids": [t.id for t in claim.tasks]},
         )
         for task_id, owner in owners.all():

@@ -123,7 +123,7 @@ async def world(db: ConnectionManager, client: httpx.AsyncClient) -> World:
     w.running = await submit(w.acme, "/scrape", {"urls": ["https://shop.example/p/3"]})
     await _sql(
         db,
-        "UPDATE tasks SET status = 'leased', lease_owner = gen_random_uuid(), attempts = 1, "
+        "UPDATE task_queue SET lease_owner = gen_random_uuid(), attempts = 1, leased_at = now(), "
         "lease_expires_at = now() + interval '1 hour' WHERE job_id = :id",
         id=w.running,
     )

@@ -113,11 +113,11 @@ async def _leases(db: ConnectionManager) -> list[tuple[object, ...]]:
     async with db.connect() as conn:
         rows = await conn.execute(
             text(
-                "SELECT t.lease_owner, count(*), round(extract(epoch FROM "
-                "min(t.lease_expires_at) - now())::numeric, 1) AS expires_in, "
+                "SELECT q.lease_owner, count(*), round(extract(epoch FROM "
+                "min(q.lease_expires_at) - now())::numeric, 1) AS expires_in, "
                 "round(extract(epoch FROM now() - max(w.heartbeat_at))::numeric, 1) AS beat_ago "
-                "FROM tasks t LEFT JOIN workers w ON w.id = t.lease_owner "
-                "WHERE t.status = 'leased' GROUP BY t.lease_owner"
+                "FROM task_queue q LEFT JOIN workers w ON w.id = q.lease_owner "
+                "WHERE q.lease_owner IS NOT NULL GROUP BY q.lease_owner"
             )
         )
         return [tuple(r) for r in rows]
@@ -249,7 +249,7 @@ async def test_crawl_survives_a_database_outage(
     assert all(p["ok"] for p in pages), [p["error"] for p in pages if not p["ok"]][:5]
     counts = await task_counts(db, job_id)
     assert counts == {"succeeded": len(expected), "skipped": 1}, counts
-    leased = await scalar(db, "SELECT count(*) FROM tasks WHERE status = 'leased'")
+    leased = await scalar(db, "SELECT count(*) FROM task_queue WHERE lease_owner IS NOT NULL")
     assert leased == 0
     registered = await scalar(db, "SELECT count(*) FROM workers")
     assert registered == len(ids) == 2, "a worker re-registered: it was restarted"
@@ -338,12 +338,13 @@ async def test_a_claim_whose_commit_answer_is_lost_does_not_stall_its_job(
                 job_id = await create_job(db, urls, options={"timeout_s": 5})
                 async with db.connect() as conn:  # claimed before the busy job's rest
                     await conn.execute(
-                        text("UPDATE tasks SET priority = 10 WHERE job_id = :j"), {"j": job_id}
+                        text("UPDATE task_queue SET priority = 10 WHERE job_id = :j"),
+                        {"j": job_id},
                     )
                 await asyncio.wait_for(trap.tripped.wait(), 30)
                 orphaned = await scalar(
                     db,
-                    "SELECT count(*) FROM tasks WHERE job_id = :j AND status = 'leased'",
+                    "SELECT count(*) FROM task_queue WHERE job_id = :j AND lease_owner IS NOT NULL",
                     j=job_id,
                 )
                 try:
@@ -353,8 +354,8 @@ async def test_a_claim_whose_commit_answer_is_lost_does_not_stall_its_job(
                 finally:
                     renewed = await scalar(
                         db,
-                        "SELECT count(*) FROM tasks WHERE job_id = :j AND status = 'leased' "
-                        "AND lease_expires_at > now()",
+                        "SELECT count(*) FROM task_queue WHERE job_id = :j "
+                        "AND lease_owner IS NOT NULL AND lease_expires_at > now()",
                         j=job_id,
                     )
                     busy_row = await job_row(db, busy)

@@ -47,8 +47,7 @@ async def _leased_by(db: ConnectionManager, job_id: uuid.UUID, worker: uuid.UUID
     return int(
         await scalar(
             db,
-            "SELECT count(*) FROM tasks WHERE job_id = :j AND status = 'leased' "
-            "AND lease_owner = :w",
+            "SELECT count(*) FROM task_queue WHERE job_id = :j AND lease_owner = :w",
             j=job_id,
             w=worker,
         )

@@ -77,7 +77,13 @@ async def pages_of(db: ConnectionManager, job_id: uuid.UUID) -> list[dict[str, A
 async def task_counts(db: ConnectionManager, job_id: uuid.UUID) -> dict[str, int]:
     async with db.connect() as conn:
         rows = await conn.execute(
-            text("SELECT status, count(*) FROM tasks WHERE job_id = :id GROUP BY status"),
+            # a task with a lease (its task_queue row's) counts as leased
+            text(
+                "SELECT CASE WHEN q.lease_owner IS NOT NULL THEN 'leased' "
+                "ELSE CAST(t.status AS text) END, count(*) "
+                "FROM tasks t LEFT JOIN task_queue q ON q.task_id = t.id "
+                "WHERE t.job_id = :id GROUP BY 1"
+            ),
             {"id": job_id},
         )
         return {r[0]: r[1] for r in rows}

@@ -29,13 +29,13 @@ _SERVER_SQL = text(
 )
 _REVISION_SQL = text("SELECT version_num FROM alembic_version LIMIT 1")
 
-# Counts use the partial indexes on queued / leased tasks; statement_timeout makes the
+# Counts use the partial indexes of task_queue (waiting / leased rows); statement_timeout makes the
 # server give up too, so a huge queue cannot pile up slow counts behind the probes.
 _QUEUE_SQL = text(
     """
     SELECT
-      (SELECT count(*) FROM tasks WHERE status = 'queued') AS queued,
-      (SELECT count(*) FROM tasks WHERE status = 'leased') AS leased,
+      (SELECT count(*) FROM task_queue WHERE lease_owner IS NULL) AS queued,
+      (SELECT count(*) FROM task_queue WHERE lease_owner IS NOT NULL) AS leased,
       coalesce((SELECT paused FROM cluster_state WHERE id = 1), false) AS paused,
       (SELECT count(*) FROM workers
         WHERE state <> 'stopped' AND heartbeat_at > now() - make_interval(secs => :stale))
