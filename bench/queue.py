@@ -1131,13 +1131,16 @@ def limits(rep: Report) -> list[str]:
         "them. A second worker process brings no extra core: on an idle machine it gains "
         "little (worker and PostgreSQL already share both cores); under other load it mostly "
         "wins a larger share of the CPU. It pays off when PostgreSQL has cores of its own.",
-        f"- **PostgreSQL does {bp / (bw + bp):.0%} of that work.** Each task is two non-HOT "
-        "`UPDATE`s of its "
-        "`tasks` row (claim, complete): `status` is indexed (`ix_tasks_job_status`, the "
-        "partial claim and lease indexes), so every update writes new entries into the "
-        "primary key, `uq_tasks_job_url_hash`, `ix_tasks_job_status` (and on claim "
-        "`ix_tasks_lease_expiry`): ~16 buffer touches per row per statement (EXPLAIN). That "
-        "per-row cost is set by the schema, not by the executor.",
+        f"- **PostgreSQL does {bp / (bw + bp):.0%} of that work.** Per task: the claim "
+        "updates its `task_queue` row (a non-HOT update: `lease_owner` is in the partial "
+        "indexes' predicates; the primary key and `ix_task_queue_leased` get an entry); "
+        "the completion deletes that row and "
+        "writes the outcome into `tasks` in unindexed columns (a HOT update when the page "
+        "has room: the fillfactor of 80 leaves it for about a fifth of a page's rows in one "
+        "transaction; the bench completes neighbouring rows together, so part of them are "
+        "not HOT). Before migration 0008 both steps updated `tasks` itself, with `status` "
+        "indexed: 8 index entries per task instead of 2 (plus those of the tasks update "
+        "that found no room in its page).",
         f"- **Per-statement cost decides the default.** A round trip costs "
         f"{rep.rtt['wall_us']:.0f} us here, and the claim is re-planned on every execution "
         "(its LIMIT is a parameter, so PostgreSQL keeps custom plans, ~0.5 ms each); with "

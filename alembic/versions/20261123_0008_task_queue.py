@@ -1,5 +1,5 @@
 """task_queue: the queue and its leases move out of tasks, so that ending a task is a HOT
-update and the claim writes into three narrow indexes instead of five wide ones
+update and the claim writes two entries into narrow indexes instead of five into wide ones
 
 Every claim and every completion updated a tasks row in an indexed column (status, in the
 predicates of the partial indexes), so neither could be a HOT update: each wrote a new
@@ -8,7 +8,8 @@ entry into every index of the table (the primary key, the 48-byte unique URL-has
 backend on the no-op queue benchmark: 41% of its CPU in B-tree inserts.
 
 Now a task to be done has a row in task_queue (task id, job, host, priority, due time,
-attempts, lease). The claim updates only that row (its three indexes); the end of a task
+attempts, lease). The claim updates only that row (two index entries: the primary key
+and the leased rows' index); the end of a task
 deletes it and updates the tasks row in unindexed columns only (HOT: no index entry; the
 tasks table gets a fillfactor for it); a lease renewal and the mark of a fetched task are
 HOT updates of the queue row. tasks.status is queued while a task is waiting or leased
@@ -267,7 +268,12 @@ def upgrade() -> None:
         ["host"],
         postgresql_where=sa.text("lease_owner IS NOT NULL"),
     )
-    op.create_index("ix_task_queue_job_id", "task_queue", ["job_id"])
+    op.create_index(
+        "ix_task_queue_job_id",
+        "task_queue",
+        ["job_id"],
+        postgresql_where=sa.text("lease_owner IS NULL"),
+    )
     op.drop_index("ix_tasks_claim", table_name="tasks")
     op.drop_index("ix_tasks_lease_expiry", table_name="tasks")
     op.drop_index("ix_tasks_host_leased", table_name="tasks")

@@ -207,7 +207,7 @@ class TaskQueue(Base):
 
     A row is added when its task is inserted queued (a trigger on tasks, migration 0008) or
     re-queued (retry, resume), and deleted when its task ends: the claim and the lease's
-    end touch only this narrow table's three indexes, not the wide tasks table's.
+    end touch only this narrow table's small indexes, not the wide tasks table's.
     `attempts` counts the claims so far; `leased_at` is when the current lease began (a
     renewal moves only its expiry). `fetched_at` is set while leased once the task's
     requests are over (parsing, storing): the claim no longer counts it against its host.
@@ -241,8 +241,10 @@ class TaskQueue(Base):
         # of them (a few per worker slot). lease_expires_at is in no index: a renewal is a
         # HOT update
         Index("ix_task_queue_leased", "host", postgresql_where=text("lease_owner IS NOT NULL")),
-        # a job's cancellation
-        Index("ix_task_queue_job_id", "job_id"),
+        # a job's waiting tasks (its cancellation; the leased ones it finds through
+        # ix_task_queue_leased). Leased rows are left out so that a claim does not write
+        # into this index too
+        Index("ix_task_queue_job_id", "job_id", postgresql_where=text("lease_owner IS NULL")),
         CheckConstraint(
             "(lease_owner IS NULL) = (lease_expires_at IS NULL)", name="lease_has_expiry"
         ),

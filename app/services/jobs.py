@@ -548,11 +548,18 @@ _STATUS_FOR_UPDATE_SQL = text(
 _CANCEL_TASKS_SQL = text(
     """
 WITH locked AS MATERIALIZED (
-    SELECT task_id FROM task_queue
-    WHERE job_id = :id
+    -- waiting rows by ix_task_queue_job_id, leased ones among all leased rows (a few per
+    -- worker slot; ix_task_queue_leased)
+    SELECT q.task_id FROM task_queue q
+    WHERE q.task_id = ANY(ARRAY(
+            SELECT w.task_id FROM task_queue w WHERE w.job_id = :id AND w.lease_owner IS NULL
+            UNION ALL
+            SELECT l.task_id FROM task_queue l
+            WHERE l.job_id = :id AND l.lease_owner IS NOT NULL))
+      AND q.job_id = :id
       AND EXISTS (SELECT 1 FROM jobs WHERE jobs.id = :id AND jobs.tenant = :tenant)
-    ORDER BY task_id
-    FOR UPDATE
+    ORDER BY q.task_id
+    FOR UPDATE OF q
 ), ended AS (
     DELETE FROM task_queue q USING locked WHERE q.task_id = locked.task_id
     RETURNING q.task_id, q.attempts
