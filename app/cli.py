@@ -417,7 +417,8 @@ async def _check_schema(db: ConnectionManager, where: str, *, migrate: bool) -> 
             ScriptDirectory.from_config(alembic_config()).get_revision(current)
         except CommandError:
             # written by a newer trawler: migrations expand before they contract, so
-            # this one still works with it (a rolling upgrade runs both at once)
+            # this one still works with it (a rolling upgrade runs both at once), except
+            # across the revisions docs/OPERATIONS.md lists under "Upgrading"
             return
     if migrate:
         await upgrade_to_head(db.engine)

@@ -163,7 +163,8 @@ def worker(
 
     async def main() -> int:
         # no schema check: during a rolling upgrade a worker may start beside a database
-        # that `trawler serve` is about to migrate (migrations expand, then contract)
+        # that `trawler serve` is about to migrate (migrations expand, then contract;
+        # docs/OPERATIONS.md, "Upgrading", lists the revisions that need a stop instead)
         async with open_database(
             settings, application_name="trawler-worker", wait_s=15.0, schema=False
         ) as (db, _):
