@@ -167,7 +167,7 @@ class Task(Base):
 
     None of the columns the executor writes (status, attempts, last_error, updated_at) is
     in an index, so the completion's update of a task is a HOT update (no index entry
-    written); the fillfactor leaves room in each page for it.
+    written) whenever the row's page has room; the fillfactor leaves some in each page.
     """
 
     __tablename__ = "tasks"

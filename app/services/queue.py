@@ -2,14 +2,12 @@
 
 A task to be done has a row in `task_queue` (migration 0008): its place in the queue and,
 once claimed, its lease. The claim, the renewal and the release write only that narrow
-row; the end of a task deletes it and writes the outcome into the tasks row with a HOT
-update (no indexed column changes), so no path of a task through the queue writes an
-entry into the tasks table's indexes.
+row; the end of a task deletes it and writes the outcome into the tasks row in
+unindexed columns only, a HOT update (no index entry) whenever the row's page has room.
 
 Lock order everywhere: queue rows (in task id order) first, then their tasks rows, then
-job rows in id order. The claim, the
-completion, cancellation and lease recovery all follow it, so they cannot deadlock on
-each other.
+job rows in id order. The claim, the completion, cancellation and lease recovery all
+follow it, so they cannot deadlock on each other.
 
 `claim` and `complete` run through SQLAlchemy on any AsyncConnection, or, given the
 asyncpg `driver` connection underneath it, send the very same SQL text straight to the
@@ -84,9 +82,9 @@ class Outcome:
 
 
 # THE CLAIM, two statements run by one call of the function trawler_claim() (migrations
-# 0006, 0007, 0008; one round trip, so the hosts' row locks last only as long as PostgreSQL's own
-# work, not across round trips to a worker whose event loop is busy parsing pages), so
-# that per-host politeness holds across every worker process:
+# 0006, 0007, 0008; one round trip, so the hosts' row locks last only as long as
+# PostgreSQL's own work, not across round trips to a worker whose event loop is busy
+# parsing pages), so that per-host politeness holds across every worker process:
 #
 # 1. the first statement walks the hosts that have queued work (a skip scan over
 #    ix_task_queue_claim, which is led by host), starting after the caller's round-robin

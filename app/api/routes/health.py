@@ -29,8 +29,9 @@ _SERVER_SQL = text(
 )
 _REVISION_SQL = text("SELECT version_num FROM alembic_version LIMIT 1")
 
-# Counts use the partial indexes of task_queue (waiting / leased rows); statement_timeout makes the
-# server give up too, so a huge queue cannot pile up slow counts behind the probes.
+# Counts use the partial indexes of task_queue (waiting / leased rows); statement_timeout
+# makes the server give up too, so a huge queue cannot pile up slow counts behind the
+# probes.
 _QUEUE_SQL = text(
     """
     SELECT
